@@ -1,0 +1,217 @@
+//! Configuration files of both binaries (TOML), with defaults and validation.
+//!
+//! Relative paths inside a config file are resolved against the file's folder, so a
+//! startup kit can be moved as a whole. Each loader names the file and the field at fault.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::constants::{DEFAULT_MAX_CHUNK_BYTES, DEFAULT_PORT, MIN_CHUNK_BYTES};
+use crate::error::{Error, Result};
+use crate::fusion::FusionSvmParams;
+use crate::ids::SiteId;
+use crate::tls::TlsFiles;
+
+/// The local training recipe every site follows in every round (the paper's: Adam,
+/// lr 1e-4, batch 32, 224 px; here sized by the operator).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingPlan {
+    /// Optimiser steps per site per round.
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    /// Side of the square ROI crop fed to the network, pixels.
+    pub image_size: u32,
+    /// Seed for sampling and augmentation (mixed with site and round at the site).
+    pub seed: u64,
+}
+
+impl Default for TrainingPlan {
+    fn default() -> Self {
+        Self { local_steps: 10, batch_size: 8, learning_rate: 1e-4, image_size: 64, seed: 42 }
+    }
+}
+
+impl TrainingPlan {
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |m: &str| Err(config_err(path, m));
+        if self.local_steps == 0 {
+            return bad("training.local_steps must be at least 1");
+        }
+        if self.batch_size == 0 {
+            return bad("training.batch_size must be at least 1");
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0) {
+            return bad("training.learning_rate must be a positive number");
+        }
+        if !(16..=1024).contains(&self.image_size) {
+            return bad("training.image_size must be within 16..=1024");
+        }
+        Ok(())
+    }
+}
+
+/// `[federation]` of the coordinator's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSection {
+    /// Address to listen on, e.g. `0.0.0.0:50051`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Admitted sites (certificate Common Names).
+    pub sites: Vec<SiteId>,
+    pub rounds: u32,
+    /// Updates needed to close a round once `round_timeout_secs` has passed.
+    pub min_sites: usize,
+    /// A round closes early only when every site has reported; after this many seconds it
+    /// closes as soon as `min_sites` have.
+    #[serde(default = "default_round_timeout")]
+    pub round_timeout_secs: u64,
+    #[serde(default = "default_chunk")]
+    pub max_chunk_bytes: usize,
+    /// Largest `sample_count` an update may declare.
+    #[serde(default = "default_max_samples")]
+    pub max_sample_count: u64,
+}
+
+fn default_listen() -> String {
+    format!("127.0.0.1:{DEFAULT_PORT}")
+}
+fn default_round_timeout() -> u64 {
+    3600
+}
+fn default_chunk() -> usize {
+    DEFAULT_MAX_CHUNK_BYTES
+}
+fn default_max_samples() -> u64 {
+    1_000_000
+}
+
+/// `[paths]` of the coordinator's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorPaths {
+    /// Where rounds, models and reports are kept; the run resumes from it.
+    pub state_dir: PathBuf,
+    /// The initial global model (safetensors), e.g. from `site-node init-model`.
+    pub initial_model: PathBuf,
+}
+
+/// The coordinator's whole config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub federation: FederationSection,
+    #[serde(default)]
+    pub training: TrainingPlan,
+    #[serde(default)]
+    pub fusion: FusionSvmParams,
+    pub paths: CoordinatorPaths,
+    pub tls: TlsFiles,
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut c: Self = load_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.paths.state_dir = base.join(&c.paths.state_dir);
+        c.paths.initial_model = base.join(&c.paths.initial_model);
+        c.tls = c.tls.resolved(base);
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<()> {
+        let f = &self.federation;
+        if f.sites.is_empty() {
+            return Err(config_err(path, "federation.sites is empty"));
+        }
+        let mut sorted = f.sites.clone();
+        sorted.sort();
+        sorted.dedup();
+        if sorted.len() != f.sites.len() {
+            return Err(config_err(path, "federation.sites lists a site twice"));
+        }
+        if f.rounds == 0 {
+            return Err(config_err(path, "federation.rounds must be at least 1"));
+        }
+        if f.min_sites == 0 || f.min_sites > f.sites.len() {
+            return Err(config_err(path, &format!("federation.min_sites must be within 1..={}", f.sites.len())));
+        }
+        if !(MIN_CHUNK_BYTES..=DEFAULT_MAX_CHUNK_BYTES * 16).contains(&f.max_chunk_bytes) {
+            return Err(config_err(path, "federation.max_chunk_bytes is out of range"));
+        }
+        self.training.validate(path)?;
+        self.fusion.validate().map_err(|e| config_err(path, &format!("fusion: {e}")))?;
+        Ok(())
+    }
+}
+
+/// Compute device for a site's training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA when available, else CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// A site-node's config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    pub site: SiteSection,
+    pub tls: TlsFiles,
+}
+
+/// `[site]` of a site-node's config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteSection {
+    /// Coordinator URL, e.g. `https://fl.example.org:50051`.
+    pub coordinator: String,
+    /// Name in the coordinator's certificate (default `coordinator`).
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+    /// The local manifest; images it names never leave this machine.
+    pub manifest: PathBuf,
+    /// Where the site keeps its own copies of updates and logs.
+    pub work_dir: PathBuf,
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// Torch intra-op threads (0 = torch's default).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+fn default_server_name() -> String {
+    "coordinator".into()
+}
+
+impl SiteConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let mut c: Self = load_toml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        c.site.manifest = base.join(&c.site.manifest);
+        c.site.work_dir = base.join(&c.site.work_dir);
+        c.tls = c.tls.resolved(base);
+        if !(c.site.coordinator.starts_with("https://")) {
+            return Err(config_err(path, "site.coordinator must be an https:// URL (mTLS is mandatory)"));
+        }
+        Ok(c)
+    }
+}
+
+fn load_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    toml::from_str(&text).map_err(|e| config_err(path, &e.to_string()))
+}
+
+fn config_err(path: &Path, message: &str) -> Error {
+    Error::Config { path: path.to_path_buf(), message: message.to_string() }
+}
+

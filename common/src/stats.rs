@@ -1,0 +1,251 @@
+//! Statistics of the cross-center evaluation: ROC curves, AUC and DeLong inference.
+//!
+//! Conventions follow pROC (Robin et al. 2011), so results can be checked against R:
+//! a case is called positive when `score >= threshold`; ties between a positive and a
+//! negative count 1/2 (the Mann-Whitney statistic); DeLong variances use sample variances
+//! (denominator n-1) of the structural components; a CI is `AUC ± z·SE` clipped to [0, 1].
+//!
+//! References: DeLong, DeLong & Clarke-Pearson (1988) Biometrics 44:837-845; fast midrank
+//! computation from Sun & Xu (2014) IEEE Signal Processing Letters 21:1389-1393.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// z for a two-sided 95% interval.
+pub const Z_95: f64 = 1.959_963_984_540_054;
+
+/// Points of an empirical ROC curve, from (0,0) to (1,1).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RocCurve {
+    /// Thresholds in decreasing order; point `i` calls positive every score `>= thresholds[i]`.
+    pub thresholds: Vec<f64>,
+    pub fpr: Vec<f64>,
+    pub tpr: Vec<f64>,
+}
+
+/// AUC with its DeLong standard error and 95% CI.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AucEstimate {
+    pub auc: f64,
+    pub se: f64,
+    pub ci_low: f64,
+    pub ci_high: f64,
+    pub n_positive: usize,
+    pub n_negative: usize,
+}
+
+/// Result of a paired two-sided DeLong test of two AUCs on the same patients.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DeLongTest {
+    pub auc_a: f64,
+    pub auc_b: f64,
+    pub z: f64,
+    pub p: f64,
+}
+
+/// Standard normal cumulative distribution function.
+pub fn normal_cdf(z: f64) -> f64 {
+    0.5 * libm::erfc(-z / std::f64::consts::SQRT_2)
+}
+
+/// Two-sided p-value of a standard normal statistic.
+pub fn two_sided_p(z: f64) -> f64 {
+    libm::erfc(z.abs() / std::f64::consts::SQRT_2).min(1.0)
+}
+
+fn split_by_label(scores: &[f64], labels: &[bool]) -> Result<(Vec<f64>, Vec<f64>)> {
+    if scores.len() != labels.len() {
+        return Err(Error::Stats(format!("{} scores but {} labels", scores.len(), labels.len())));
+    }
+    if let Some(i) = scores.iter().position(|s| !s.is_finite()) {
+        return Err(Error::Stats(format!("score {i} is not finite")));
+    }
+    let pos: Vec<f64> = scores.iter().zip(labels).filter(|(_, l)| **l).map(|(s, _)| *s).collect();
+    let neg: Vec<f64> = scores.iter().zip(labels).filter(|(_, l)| !**l).map(|(s, _)| *s).collect();
+    if pos.is_empty() || neg.is_empty() {
+        return Err(Error::Stats(format!(
+            "need both classes, got {} positive and {} negative",
+            pos.len(),
+            neg.len()
+        )));
+    }
+    Ok((pos, neg))
+}
+
+/// Midranks (1-based, ties get their average rank).
+fn midranks(x: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let mut ranks = vec![0.0; x.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && x[order[j + 1]] == x[order[i]] {
+            j += 1;
+        }
+        let r = (i + j) as f64 / 2.0 + 1.0;
+        for k in i..=j {
+            ranks[order[k]] = r;
+        }
+        i = j + 1;
+    }
+    ranks
+}
+
+/// DeLong's structural components: V10 (one per positive) and V01 (one per negative).
+fn structural_components(pos: &[f64], neg: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    let (m, n) = (pos.len(), neg.len());
+    let all: Vec<f64> = pos.iter().chain(neg).copied().collect();
+    let r_all = midranks(&all);
+    let r_pos = midranks(pos);
+    let r_neg = midranks(neg);
+    let v10 = (0..m).map(|i| (r_all[i] - r_pos[i]) / n as f64).collect();
+    let v01 = (0..n).map(|j| 1.0 - (r_all[m + j] - r_neg[j]) / m as f64).collect();
+    (v10, v01)
+}
+
+fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len() as f64
+}
+
+/// Sample covariance (denominator n-1); 0 for a single value.
+fn cov(a: &[f64], b: &[f64]) -> f64 {
+    if a.len() < 2 {
+        return 0.0;
+    }
+    let (ma, mb) = (mean(a), mean(b));
+    a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum::<f64>() / (a.len() - 1) as f64
+}
+
+/// Area under the ROC curve (Mann-Whitney, ties count 1/2).
+pub fn auc(scores: &[f64], labels: &[bool]) -> Result<f64> {
+    let (pos, neg) = split_by_label(scores, labels)?;
+    Ok(mean(&structural_components(&pos, &neg).0))
+}
+
+/// AUC with DeLong standard error and 95% CI.
+pub fn auc_delong(scores: &[f64], labels: &[bool]) -> Result<AucEstimate> {
+    let (pos, neg) = split_by_label(scores, labels)?;
+    let (v10, v01) = structural_components(&pos, &neg);
+    let a = mean(&v10);
+    let var = cov(&v10, &v10) / pos.len() as f64 + cov(&v01, &v01) / neg.len() as f64;
+    let se = var.max(0.0).sqrt();
+    Ok(AucEstimate {
+        auc: a,
+        se,
+        ci_low: (a - Z_95 * se).max(0.0),
+        ci_high: (a + Z_95 * se).min(1.0),
+        n_positive: pos.len(),
+        n_negative: neg.len(),
+    })
+}
+
+/// Paired DeLong test of `AUC(a) - AUC(b)` for two scores of the same patients.
+pub fn delong_paired(a: &[f64], b: &[f64], labels: &[bool]) -> Result<DeLongTest> {
+    if a.len() != b.len() {
+        return Err(Error::Stats("paired scores differ in length".into()));
+    }
+    let (pa, na) = split_by_label(a, labels)?;
+    let (pb, nb) = split_by_label(b, labels)?;
+    let (v10a, v01a) = structural_components(&pa, &na);
+    let (v10b, v01b) = structural_components(&pb, &nb);
+    let (m, n) = (pa.len() as f64, na.len() as f64);
+    let (auc_a, auc_b) = (mean(&v10a), mean(&v10b));
+    let var = (cov(&v10a, &v10a) + cov(&v10b, &v10b) - 2.0 * cov(&v10a, &v10b)) / m
+        + (cov(&v01a, &v01a) + cov(&v01b, &v01b) - 2.0 * cov(&v01a, &v01b)) / n;
+    let diff = auc_a - auc_b;
+    let z = if var > 0.0 { diff / var.sqrt() } else if diff == 0.0 { 0.0 } else { f64::INFINITY.copysign(diff) };
+    Ok(DeLongTest { auc_a, auc_b, z, p: two_sided_p(z) })
+}
+
+/// Empirical ROC curve at every distinct score.
+pub fn roc_curve(scores: &[f64], labels: &[bool]) -> Result<RocCurve> {
+    let (pos, neg) = split_by_label(scores, labels)?;
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let (m, n) = (pos.len() as f64, neg.len() as f64);
+    let mut curve = RocCurve { thresholds: vec![f64::INFINITY], fpr: vec![0.0], tpr: vec![0.0] };
+    let (mut tp, mut fp) = (0usize, 0usize);
+    let mut i = 0;
+    while i < order.len() {
+        let t = scores[order[i]];
+        while i < order.len() && scores[order[i]] == t {
+            if labels[order[i]] { tp += 1 } else { fp += 1 }
+            i += 1;
+        }
+        curve.thresholds.push(t);
+        curve.fpr.push(fp as f64 / n);
+        curve.tpr.push(tp as f64 / m);
+    }
+    Ok(curve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// pROC's aSAH data (shared/data/asah.csv), or None when the file is not beside the repo.
+    fn asah() -> Option<(Vec<bool>, Vec<f64>, Vec<f64>, Vec<f64>)> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/asah.csv");
+        let mut rdr = csv::Reader::from_path(path).ok()?;
+        let (mut y, mut s100b, mut wfns, mut ndka) = (vec![], vec![], vec![], vec![]);
+        for r in rdr.records() {
+            let r = r.unwrap();
+            y.push(&r[1] == "Poor");
+            wfns.push(r[4].parse().unwrap());
+            s100b.push(r[5].parse().unwrap());
+            ndka.push(r[6].parse().unwrap());
+        }
+        Some((y, s100b, wfns, ndka))
+    }
+
+    #[test]
+    fn matches_published_proc_values_on_asah() {
+        let Some((y, s100b, wfns, ndka)) = asah() else {
+            eprintln!("shared/data/asah.csv not found; skipping the pROC reference check");
+            return;
+        };
+        assert_eq!(y.iter().filter(|&&p| p).count(), 41);
+        let e = auc_delong(&s100b, &y).unwrap();
+        assert!((e.auc - 0.7314).abs() < 5e-5, "{e:?}");
+        assert!((e.ci_low - 0.6301).abs() < 5e-5 && (e.ci_high - 0.8326).abs() < 5e-5, "{e:?}");
+        assert!((auc(&wfns, &y).unwrap() - 0.8237).abs() < 5e-5);
+        assert!((auc(&ndka, &y).unwrap() - 0.6120).abs() < 5e-5);
+        let t = delong_paired(&wfns, &s100b, &y).unwrap();
+        assert!((t.z - 2.209).abs() < 5e-4 && (t.p - 0.02718).abs() < 5e-5, "{t:?}");
+        let back = delong_paired(&s100b, &wfns, &y).unwrap();
+        assert!((back.z + t.z).abs() < 1e-12 && (back.p - t.p).abs() < 1e-12);
+    }
+
+    #[test]
+    fn hand_computed_small_case() {
+        // pos {0.9, 0.4}, neg {0.4, 0.1}: pairs 1 + 1 + 0.5 + 1 = 3.5 of 4.
+        let s = [0.9, 0.4, 0.4, 0.1];
+        let y = [true, true, false, false];
+        let e = auc_delong(&s, &y).unwrap();
+        assert!((e.auc - 0.875).abs() < 1e-12);
+        // V10 = {1, 0.75}, V01 = {0.75, 1}: var = 0.03125/2 + 0.03125/2.
+        assert!((e.se - 0.03125f64.sqrt()).abs() < 1e-12);
+        let roc = roc_curve(&s, &y).unwrap();
+        assert_eq!(roc.fpr, vec![0.0, 0.0, 0.5, 1.0]);
+        assert_eq!(roc.tpr, vec![0.0, 0.5, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn identities() {
+        let s = [0.3, 0.8, 0.1, 0.5, 0.5, 0.9, 0.2];
+        let y = [false, true, false, true, false, true, true];
+        let a = auc(&s, &y).unwrap();
+        let rev: Vec<f64> = s.iter().map(|v| -v).collect();
+        assert!((auc(&rev, &y).unwrap() - (1.0 - a)).abs() < 1e-12);
+        let same = delong_paired(&s, &s, &y).unwrap();
+        assert_eq!((same.z, same.p), (0.0, 1.0));
+        // Trapezoidal area under the ROC points equals the Mann-Whitney AUC.
+        let roc = roc_curve(&s, &y).unwrap();
+        let trap: f64 = (1..roc.fpr.len()).map(|i| (roc.fpr[i] - roc.fpr[i - 1]) * (roc.tpr[i] + roc.tpr[i - 1]) / 2.0).sum();
+        assert!((trap - a).abs() < 1e-12);
+        assert!(auc(&s, &[true; 7]).is_err());
+        assert!((normal_cdf(1.959_963_984_540_054) - 0.975).abs() < 1e-12);
+    }
+}
