@@ -1,1 +1,165 @@
-fn main() {}
+//! `coordinator`: provision a consortium, then run a federated training and evaluation.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aln_common::config::CoordinatorConfig;
+use aln_common::constants::state_files;
+use aln_common::ids::SiteId;
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use coordinator::provision::{ProvisionRequest, provision};
+use coordinator::rounds::RoundController;
+use tracing::info;
+
+#[derive(Parser)]
+#[command(name = "coordinator", version, about = "Runs a federation of hospitals training the bimodal ALN model together.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the consortium CA, the coordinator's certificate and one startup kit per site.
+    Provision {
+        /// Comma-separated site ids (they become the certificates' Common Names).
+        #[arg(long, value_delimiter = ',', required = true)]
+        sites: Vec<SiteId>,
+        /// Output folder (must not already hold a CA).
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra DNS name or IP for the coordinator's certificate (repeatable).
+        #[arg(long = "name")]
+        names: Vec<String>,
+        /// URL written into the site configs.
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Run (or resume) the federation described by a config file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Override `federation.listen` (e.g. 127.0.0.1:0 picks a free port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Write the bound address to this file once listening (for scripts and tests).
+        #[arg(long)]
+        addr_file: Option<PathBuf>,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.with_target(false).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Provision { sites, out, names, url } => {
+            let mut req = ProvisionRequest::new(sites, out.clone());
+            req.coordinator_names.extend(names);
+            if let Some(url) = url {
+                req.coordinator_url = url;
+            }
+            provision(&req)?;
+            info!("consortium provisioned under {}", out.display());
+            Ok(())
+        }
+        Command::Run { config, listen, addr_file } => run(config, listen, addr_file).await,
+    }
+}
+
+async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>) -> Result<()> {
+    let mut cfg = CoordinatorConfig::load(&config)?;
+    if let Some(l) = listen {
+        cfg.federation.listen = l;
+    }
+    let tls = cfg.tls.server_config()?;
+    let listener = tokio::net::TcpListener::bind(&cfg.federation.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.federation.listen))?;
+    let addr = listener.local_addr()?;
+    let cfg = Arc::new(cfg);
+    let ctl = RoundController::open(cfg.clone()).context("opening the state directory")?;
+    if let Some(path) = addr_file {
+        aln_common::atomic_file::write(&path, addr.to_string().as_bytes())?;
+    }
+    info!(%addr, sites = cfg.federation.sites.len(), rounds = cfg.federation.rounds, "coordinator listening (mTLS)");
+
+    // Timeouts are checked by a ticker; progress is logged every 10 s.
+    let ticker = {
+        let ctl = ctl.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let mut last = String::new();
+            let mut n = 0u32;
+            loop {
+                tick.tick().await;
+                ctl.advance();
+                n += 1;
+                let now = ctl.describe();
+                if now != last || n % 40 == 0 {
+                    info!(progress = %now);
+                    last = now;
+                }
+            }
+        })
+    };
+
+    let shutdown = {
+        let ctl = ctl.clone();
+        async move {
+            let mut finished = ctl.finished();
+            tokio::select! {
+                _ = async { finished.wait_for(|f| *f).await.is_ok() } => {
+                    // Let sites collect their "done" before closing the door.
+                    for _ in 0..100 {
+                        if ctl.all_sites_released() { break; }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                _ = shutdown_signal() => info!("shutdown signal: stopping; completed rounds are on disk"),
+            }
+        }
+    };
+    coordinator::server::run(listener, tls, ctl.clone(), shutdown).await?;
+    ticker.abort();
+    if let Some(msg) = ctl.failure() {
+        anyhow::bail!("{msg}");
+    }
+    let report = cfg.paths.state_dir.join(state_files::REPORT_JSON);
+    if report.exists() {
+        println!("{}", ctl.summary());
+        println!("report: {}", report.display());
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

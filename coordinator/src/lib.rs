@@ -1,0 +1,19 @@
+//! The consortium's coordinator (no libtorch).
+//!
+//! | module | role |
+//! |---|---|
+//! | [`server`] | thin tonic service: certificate → `SiteId`, proto ↔ domain |
+//! | [`rounds`] | the round state machine ([`rounds::RoundController`]) |
+//! | [`state`] | the durable state directory (atomic checkpoints, resume) |
+//! | [`evaluation`] | fusion SVMs on pooled features, pooled and per-site AUCs |
+//! | [`report`] | `report.json`, `features.csv`, the results table |
+//! | [`provision`] | CA, certificates and startup kits |
+//! | [`status`] | errors and their single mapping to gRPC codes |
+
+pub mod evaluation;
+pub mod provision;
+pub mod report;
+pub mod rounds;
+pub mod server;
+pub mod state;
+pub mod status;

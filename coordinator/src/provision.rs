@@ -1,0 +1,189 @@
+//! `coordinator provision`: the consortium's PKI and one startup kit per party.
+//!
+//! Creates a CA (rcgen), a server certificate for the coordinator and a client certificate
+//! per site whose Common Name *is* the site id. Output layout:
+//!
+//! ```text
+//! OUT/ca/ca.pem, ca.key                       keep ca.key offline
+//! OUT/coordinator/ca.pem, coordinator.pem, coordinator.key, coordinator.toml
+//! OUT/sites/<site>/ca.pem, site.pem, site.key, site.toml, README.txt
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use aln_common::atomic_file;
+use aln_common::config::TrainingPlan;
+use aln_common::constants::DEFAULT_PORT;
+use aln_common::ids::SiteId;
+use anyhow::{Context, Result, bail};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use time::{Duration, OffsetDateTime};
+
+/// What `provision` needs to know.
+#[derive(Debug, Clone)]
+pub struct ProvisionRequest {
+    pub sites: Vec<SiteId>,
+    pub out: PathBuf,
+    /// DNS names / IPs the coordinator's certificate is valid for.
+    pub coordinator_names: Vec<String>,
+    /// URL the sites will dial.
+    pub coordinator_url: String,
+    pub valid_days: i64,
+    pub consortium: String,
+}
+
+impl ProvisionRequest {
+    pub fn new(sites: Vec<SiteId>, out: PathBuf) -> Self {
+        Self {
+            sites,
+            out,
+            coordinator_names: vec!["coordinator".into(), "localhost".into(), "127.0.0.1".into()],
+            coordinator_url: format!("https://127.0.0.1:{DEFAULT_PORT}"),
+            valid_days: 730,
+            consortium: "ALN federation".into(),
+        }
+    }
+}
+
+fn params(cn: &str, org: &str, sans: Vec<String>, days: i64) -> Result<CertificateParams> {
+    let mut p = CertificateParams::new(sans)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn.push(DnType::OrganizationName, org);
+    p.distinguished_name = dn;
+    let now = OffsetDateTime::now_utc();
+    p.not_before = now - Duration::hours(1);
+    p.not_after = now + Duration::days(days);
+    Ok(p)
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    atomic_file::write(path, text.as_bytes()).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Creates the CA, the coordinator's kit and one kit per site. Refuses to overwrite an
+/// existing CA, so a consortium's identities are never replaced by accident.
+pub fn provision(req: &ProvisionRequest) -> Result<()> {
+    if req.sites.is_empty() {
+        bail!("--sites lists no site");
+    }
+    let ca_dir = req.out.join("ca");
+    if ca_dir.join("ca.pem").exists() {
+        bail!("{} already holds a CA; choose another --out or remove it deliberately", ca_dir.display());
+    }
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = params(&format!("{} CA", req.consortium), &req.consortium, vec![], req.valid_days * 5)?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let ca_pem = ca_cert.pem();
+    let issuer = Issuer::new(ca_params, ca_key);
+    write(&ca_dir.join("ca.pem"), &ca_pem)?;
+    write(&ca_dir.join("ca.key"), &issuer.key().serialize_pem())?;
+
+    // Coordinator server certificate.
+    let coord_dir = req.out.join("coordinator");
+    let key = KeyPair::generate()?;
+    let mut p = params("coordinator", &req.consortium, req.coordinator_names.clone(), req.valid_days)?;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = p.signed_by(&key, &issuer)?;
+    write(&coord_dir.join("ca.pem"), &ca_pem)?;
+    write(&coord_dir.join("coordinator.pem"), &cert.pem())?;
+    write(&coord_dir.join("coordinator.key"), &key.serialize_pem())?;
+    write(&coord_dir.join("coordinator.toml"), &coordinator_toml(req))?;
+
+    for site in &req.sites {
+        let dir = req.out.join("sites").join(site.as_str());
+        let key = KeyPair::generate()?;
+        let mut p = params(site.as_str(), &req.consortium, vec![], req.valid_days)?;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = p.signed_by(&key, &issuer)?;
+        write(&dir.join("ca.pem"), &ca_pem)?;
+        write(&dir.join("site.pem"), &cert.pem())?;
+        write(&dir.join("site.key"), &key.serialize_pem())?;
+        write(&dir.join("site.toml"), &site_toml(req))?;
+        write(&dir.join("README.txt"), &site_readme(site))?;
+    }
+    Ok(())
+}
+
+fn coordinator_toml(req: &ProvisionRequest) -> String {
+    let sites: Vec<String> = req.sites.iter().map(|s| format!("\"{s}\"")).collect();
+    let plan = TrainingPlan::default();
+    format!(
+        r#"# Coordinator configuration (written by `coordinator provision`).
+# Relative paths are resolved against this file's folder.
+
+[federation]
+listen = "127.0.0.1:{DEFAULT_PORT}"     # address:port to serve on
+sites = [{sites}]                       # admitted sites = certificate Common Names
+rounds = 3                              # federated rounds
+min_sites = {min}                       # quorum once round_timeout_secs has passed
+round_timeout_secs = 3600
+max_chunk_bytes = 1048576               # largest chunk of a model transfer
+
+[training]                              # the recipe every site follows each round
+local_steps = {steps}
+batch_size = {batch}
+learning_rate = {lr:e}
+image_size = {size}                     # paper: 224
+seed = {seed}
+
+[fusion]                                # clinical-fusion SVM (Gaussian kernel)
+c = 1.0
+balanced = true
+
+[paths]
+state_dir = "state"                     # models, round state, report; runs resume from here
+initial_model = "initial_model.safetensors"   # from `site-node init-model`
+
+[tls]
+ca = "ca.pem"
+cert = "coordinator.pem"
+key = "coordinator.key"
+"#,
+        sites = sites.join(", "),
+        min = req.sites.len(),
+        steps = plan.local_steps,
+        batch = plan.batch_size,
+        lr = plan.learning_rate,
+        size = plan.image_size,
+        seed = plan.seed,
+    )
+}
+
+fn site_toml(req: &ProvisionRequest) -> String {
+    format!(
+        r#"# Site-node configuration (written by `coordinator provision`).
+# Relative paths are resolved against this file's folder.
+
+[site]
+coordinator = "{url}"
+server_name = "coordinator"             # name in the coordinator's certificate
+manifest = "data/manifest.csv"          # your local manifest; images never leave this machine
+work_dir = "work"                       # local copies of updates, timings
+device = "auto"                         # auto | cpu | cuda
+threads = 0                             # torch threads (0 = default)
+
+[tls]
+ca = "ca.pem"
+cert = "site.pem"
+key = "site.key"
+"#,
+        url = req.coordinator_url
+    )
+}
+
+fn site_readme(site: &SiteId) -> String {
+    format!(
+        "Startup kit for site `{site}`.\n\n\
+         site.pem / site.key identify this hospital to the coordinator: keep site.key private.\n\
+         1. Put your manifest at data/manifest.csv (or edit site.toml).\n\
+         2. Run: site-node run --config site.toml\n"
+    )
+}

@@ -1,0 +1,151 @@
+//! The researcher's report: `report.json`, `features.csv` and a plain-text results table.
+//!
+//! Everything lands in the coordinator's state directory; the JSON carries the config and
+//! model hash that produced every number.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use aln_common::atomic_file;
+use aln_common::cohort::{ClinicalTask, FeatureRow};
+use aln_common::config::{CoordinatorConfig, TrainingPlan};
+use aln_common::constants::state_files;
+use aln_common::fusion::FusionSvmParams;
+use aln_common::ids::ModelHash;
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::evaluation::{self, TaskEvaluation};
+use crate::state::{RoundRecord, RunState, StateStore};
+
+/// Version of the report.json layout.
+pub const REPORT_FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Serialize)]
+pub struct SiteCohort {
+    pub by_split: BTreeMap<String, usize>,
+    pub by_class: BTreeMap<String, usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReportConfig {
+    pub sites: Vec<String>,
+    pub rounds: u32,
+    pub min_sites: usize,
+    pub training: TrainingPlan,
+    pub fusion: FusionSvmParams,
+    pub aggregator: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub format_version: u32,
+    pub software_version: &'static str,
+    pub run_id: String,
+    pub model_hash: ModelHash,
+    pub config: ReportConfig,
+    pub rounds: Vec<RoundRecord>,
+    pub cohort: BTreeMap<String, SiteCohort>,
+    pub task1: TaskEvaluation,
+}
+
+/// Evaluates, writes `report.json` + `features.csv`, returns the printable summary.
+pub fn build_and_write(cfg: &CoordinatorConfig, store: &StateStore, run: &RunState, rows: &[FeatureRow]) -> Result<String> {
+    let task1 = evaluation::evaluate_task(rows, ClinicalTask::N0VsNPlus, cfg.fusion).context("task 1 (N0 vs N+)")?;
+    let mut cohort: BTreeMap<String, SiteCohort> = BTreeMap::new();
+    for r in rows {
+        let c = cohort.entry(r.site.to_string()).or_insert_with(|| SiteCohort { by_split: BTreeMap::new(), by_class: BTreeMap::new() });
+        *c.by_split.entry(r.split.to_string()).or_default() += 1;
+        *c.by_class.entry(r.n_stage.to_string()).or_default() += 1;
+    }
+    let report = Report {
+        format_version: REPORT_FORMAT_VERSION,
+        software_version: env!("CARGO_PKG_VERSION"),
+        run_id: run.run_id.clone(),
+        model_hash: run.global_model_hash.clone(),
+        config: ReportConfig {
+            sites: cfg.federation.sites.iter().map(|s| s.to_string()).collect(),
+            rounds: cfg.federation.rounds,
+            min_sites: cfg.federation.min_sites,
+            training: cfg.training,
+            fusion: cfg.fusion,
+            aggregator: "fedavg",
+        },
+        rounds: run.history.clone(),
+        cohort,
+        task1,
+    };
+    atomic_file::write_json(&store.dir().join(state_files::REPORT_JSON), &report)?;
+    write_features_csv(&store.dir().join(state_files::FEATURES_CSV), rows)?;
+    Ok(summary(&report))
+}
+
+fn write_features_csv(path: &std::path::Path, rows: &[FeatureRow]) -> Result<()> {
+    let dim = rows.first().map_or(0, |r| r.deep.len());
+    let mut out = String::from("site,patient_id,split,n_stage,age,us_size_mm,er,pr,her2,ki67,birads,histology,location,axillary_us");
+    for i in 0..dim {
+        write!(out, ",deep_{i}")?;
+    }
+    out.push('\n');
+    let b = |v: Option<bool>| v.map_or(String::new(), |x| if x { "positive".into() } else { "negative".into() });
+    let f = |v: Option<f32>| v.map_or(String::new(), |x| x.to_string());
+    for r in rows {
+        let c = &r.clinical;
+        write!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            r.site,
+            r.patient_id,
+            r.split,
+            r.n_stage,
+            f(c.age_years),
+            f(c.us_size_mm),
+            b(c.er_positive),
+            b(c.pr_positive),
+            b(c.her2_positive),
+            b(c.ki67_positive),
+            c.birads.map_or(String::new(), |v| v.to_string()),
+            c.histology.map_or(String::new(), |v| v.to_string()),
+            c.location.map_or(String::new(), |v| v.to_string()),
+            b(c.axillary_us_positive),
+        )?;
+        for v in &r.deep {
+            write!(out, ",{v}")?;
+        }
+        out.push('\n');
+    }
+    atomic_file::write(path, out.as_bytes())?;
+    Ok(())
+}
+
+fn fmt_auc(a: &Option<aln_common::stats::AucEstimate>) -> String {
+    match a {
+        Some(a) => format!("{:.3} [{:.3}, {:.3}]", a.auc, a.ci_low, a.ci_high),
+        None => "n/a".into(),
+    }
+}
+
+/// The plain-text table printed at the end of a run.
+pub fn summary(r: &Report) -> String {
+    let t = &r.task1;
+    let mut s = String::new();
+    let _ = writeln!(s, "Task 1: N0 vs N+(>=1): test AUC [95% DeLong CI]; SVM fitted on {} pooled training patients", t.n_train);
+    let sites: Vec<&String> = r.cohort.keys().collect();
+    let _ = write!(s, "{:<14} {:<24}", "method", "pooled test");
+    for site in &sites {
+        let _ = write!(s, " {:<24}", format!("{site} test"));
+    }
+    let _ = writeln!(s);
+    for m in &t.methods {
+        let _ = write!(s, "{:<14} {:<24}", m.method, fmt_auc(&m.pooled_test));
+        for site in &sites {
+            let _ = write!(s, " {:<24}", fmt_auc(m.per_site_test.get(*site).unwrap_or(&None)));
+        }
+        let _ = writeln!(s);
+    }
+    for (k, d) in &t.delong_combined_vs {
+        let _ = writeln!(s, "DeLong combined vs {k}: z = {:.2}, p = {:.4}", d.z, d.p);
+    }
+    let _ = writeln!(s, "test patients: {} ({} N0, {} N+)", t.n_test, t.test_patients.iter().filter(|p| !p.label).count(), t.test_patients.iter().filter(|p| p.label).count());
+    s
+}

@@ -1,0 +1,459 @@
+//! The round state machine: what the federation is doing and what each site should do next.
+//!
+//! ```text
+//! Training(r) ──all sites, or quorum after timeout──► Aggregating(r) ──► Training(r+1) … 
+//!     └─ after the last round ──► CollectingFeatures ──► Evaluating ──► Done
+//! ```
+//!
+//! The gRPC layer (`server`) only converts messages and calls into [`RoundController`]; all
+//! decisions live here. Heavy work (aggregation, checkpointing, SVM fitting) runs on blocking
+//! threads, never under the lock and never on the async runtime's workers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use aln_common::aggregate::{self, Aggregator, Expectation, FedAvg, ModelUpdate};
+use aln_common::cohort::FeatureRow;
+use aln_common::config::{CoordinatorConfig, TrainingPlan};
+use aln_common::constants::DEFAULT_WAIT_MS;
+use aln_common::ids::{ModelHash, Round, SiteId};
+use aln_common::model_state::{ModelState, TensorSpec};
+use aln_common::wire::{PayloadKind, PayloadMeta};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tracing::{error, info, info_span, warn};
+
+use crate::report;
+use crate::state::{Contribution, RoundRecord, RunState, STATE_FORMAT_VERSION, StateStore};
+use crate::status::{CoordResult, CoordinatorError};
+
+/// Where the run stands.
+#[derive(Debug, Clone)]
+pub enum Phase {
+    Training { round: Round, opened: Instant },
+    Aggregating { round: Round },
+    CollectingFeatures { opened: Instant },
+    Evaluating,
+    Done,
+    Failed(String),
+}
+
+/// The answer to a site's `NextTask`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskDecision {
+    Train { round: Round, model_hash: ModelHash, plan: TrainingPlan },
+    Extract { model_hash: ModelHash },
+    Wait { retry_after_ms: u32, reason: String },
+    Done { summary: String },
+}
+
+/// What the site learns at `Join`.
+#[derive(Debug, Clone)]
+pub struct JoinInfo {
+    pub run_id: String,
+    pub plan: TrainingPlan,
+    pub total_rounds: u32,
+}
+
+struct Inner {
+    phase: Phase,
+    run: RunState,
+    global: Arc<ModelState>,
+    aggregator: Option<Box<dyn Aggregator>>,
+    contributions: Vec<Contribution>,
+    rejected: Vec<String>,
+    joined: BTreeSet<SiteId>,
+    pending_features: BTreeMap<SiteId, Vec<FeatureRow>>,
+    features: BTreeMap<SiteId, Vec<FeatureRow>>,
+    told_done: BTreeSet<SiteId>,
+    summary: String,
+    quorum_warned: bool,
+}
+
+/// Owns the run: current model, open round, collected features.
+pub struct RoundController {
+    cfg: Arc<CoordinatorConfig>,
+    store: StateStore,
+    schema: Arc<Vec<TensorSpec>>,
+    inner: Mutex<Inner>,
+    finished: watch::Sender<bool>,
+}
+
+impl RoundController {
+    /// Opens the state directory: resumes a saved run, or starts one from the initial model.
+    pub fn open(cfg: Arc<CoordinatorConfig>) -> CoordResult<Arc<Self>> {
+        let store = StateStore::new(&cfg.paths.state_dir);
+        let (run, global) = match store.load()? {
+            Some(run) => {
+                let model = store.load_model(Round(run.completed_rounds), &run.global_model_hash)?;
+                info!(run_id = %run.run_id, completed_rounds = run.completed_rounds, "resuming run from {}", store.dir().display());
+                (run, model)
+            }
+            None => {
+                let (model, _) = ModelState::load(&cfg.paths.initial_model)?;
+                let hash = model.weights_hash();
+                let run_id = new_run_id(&hash);
+                let run = RunState {
+                    format_version: STATE_FORMAT_VERSION,
+                    run_id,
+                    completed_rounds: 0,
+                    global_model_hash: hash,
+                    schema_hash: model.schema_hash(),
+                    history: vec![],
+                };
+                store.save_model(Round(0), &model, &run.run_id)?;
+                store.save(&run)?;
+                info!(run_id = %run.run_id, tensors = model.specs().len(), params = model.numel(), "new run from {}", cfg.paths.initial_model.display());
+                (run, model)
+            }
+        };
+        let schema = Arc::new(global.specs().to_vec());
+        let (finished, _) = watch::channel(false);
+        let this = Arc::new(Self {
+            schema,
+            store,
+            inner: Mutex::new(Inner {
+                phase: Phase::Evaluating,
+                run,
+                global: Arc::new(global),
+                aggregator: None,
+                contributions: vec![],
+                rejected: vec![],
+                joined: BTreeSet::new(),
+                pending_features: BTreeMap::new(),
+                features: BTreeMap::new(),
+                told_done: BTreeSet::new(),
+                summary: String::new(),
+                quorum_warned: false,
+            }),
+            finished,
+            cfg,
+        });
+        {
+            let mut g = this.lock();
+            let next = Round(g.run.completed_rounds + 1);
+            this.enter_round_or_features(&mut g, next);
+        }
+        Ok(this)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    /// Tensor table every update must match.
+    pub fn schema(&self) -> Arc<Vec<TensorSpec>> {
+        self.schema.clone()
+    }
+
+    /// Resolves when the run has finished (report written, or failed).
+    pub fn finished(&self) -> watch::Receiver<bool> {
+        self.finished.subscribe()
+    }
+
+    /// `Some(message)` when the run failed.
+    pub fn failure(&self) -> Option<String> {
+        match &self.lock().phase {
+            Phase::Failed(m) => Some(m.clone()),
+            _ => None,
+        }
+    }
+
+    /// True once every site that joined has been told the run is over.
+    pub fn all_sites_released(&self) -> bool {
+        let g = self.lock();
+        g.joined.iter().all(|s| g.told_done.contains(s))
+    }
+
+    /// Authorisation: is this certificate identity a member of the consortium?
+    pub fn is_admitted(&self, site: &SiteId) -> bool {
+        self.cfg.federation.sites.contains(site)
+    }
+
+    fn enter_round_or_features(&self, g: &mut Inner, round: Round) {
+        g.contributions.clear();
+        g.rejected.clear();
+        g.quorum_warned = false;
+        if round.0 <= self.cfg.federation.rounds {
+            g.aggregator = Some(Box::new(FedAvg::new(&g.global)));
+            g.phase = Phase::Training { round, opened: Instant::now() };
+            info!(%round, model = %g.run.global_model_hash.short(), "round open");
+        } else {
+            g.aggregator = None;
+            g.phase = Phase::CollectingFeatures { opened: Instant::now() };
+            info!(model = %g.run.global_model_hash.short(), "training complete; collecting features");
+        }
+    }
+
+    pub fn join(&self, site: &SiteId) -> JoinInfo {
+        let mut g = self.lock();
+        if g.joined.insert(site.clone()) {
+            info!(%site, "site joined");
+        }
+        JoinInfo { run_id: g.run.run_id.clone(), plan: self.cfg.training, total_rounds: self.cfg.federation.rounds }
+    }
+
+    pub fn next_task(&self, site: &SiteId) -> TaskDecision {
+        let mut g = self.lock();
+        g.joined.insert(site.clone());
+        let wait = |reason: &str| TaskDecision::Wait { retry_after_ms: DEFAULT_WAIT_MS, reason: reason.into() };
+        match &g.phase {
+            Phase::Training { round, .. } => {
+                if g.contributions.iter().any(|c| &c.site == site) {
+                    wait("waiting for the other sites' updates")
+                } else {
+                    TaskDecision::Train { round: *round, model_hash: g.run.global_model_hash.clone(), plan: self.cfg.training }
+                }
+            }
+            Phase::Aggregating { .. } => wait("aggregating"),
+            Phase::CollectingFeatures { .. } => {
+                if g.features.contains_key(site) {
+                    wait("waiting for the other sites' features")
+                } else {
+                    TaskDecision::Extract { model_hash: g.run.global_model_hash.clone() }
+                }
+            }
+            Phase::Evaluating => wait("fitting the fusion SVM"),
+            Phase::Done | Phase::Failed(_) => {
+                let summary = match &g.phase {
+                    Phase::Failed(m) => format!("run failed: {m}"),
+                    _ => g.summary.clone(),
+                };
+                g.told_done.insert(site.clone());
+                TaskDecision::Done { summary }
+            }
+        }
+    }
+
+    /// The current global model, if `hash` names it (empty = current).
+    pub fn model_for_pull(&self, hash: &str) -> CoordResult<(Arc<ModelState>, PayloadMeta)> {
+        let g = self.lock();
+        if !hash.is_empty() && hash != g.run.global_model_hash.0 {
+            return Err(CoordinatorError::ModelNotFound(hash.to_string()));
+        }
+        let meta = PayloadMeta {
+            kind: PayloadKind::Weights,
+            round: Round(g.run.completed_rounds),
+            base_model_hash: g.run.global_model_hash.clone(),
+            sample_count: 0,
+        };
+        Ok((g.global.clone(), meta))
+    }
+
+    /// Checks a received update and folds it into the open round.
+    pub fn submit_update(self: &Arc<Self>, update: ModelUpdate, bytes: u64, receive_s: f64) -> CoordResult<Round> {
+        let span = info_span!("update", site = %update.site, round = %update.round);
+        let _e = span.enter();
+        let outcome = {
+            let mut g = self.lock();
+            let round = match g.phase {
+                Phase::Training { round, .. } => round,
+                _ => {
+                    return Err(CoordinatorError::WrongPhase(format!(
+                        "no round is open for updates (update for round {} arrived too late or too early)",
+                        update.round
+                    )));
+                }
+            };
+            if g.contributions.iter().any(|c| c.site == update.site) {
+                return Err(CoordinatorError::AlreadySubmitted { site: update.site.clone(), round });
+            }
+            let exp = Expectation {
+                global: &g.global,
+                global_hash: &g.run.global_model_hash,
+                round,
+                max_sample_count: self.cfg.federation.max_sample_count,
+            };
+            let checked = aggregate::validate(&update, exp).and_then(|_| {
+                g.aggregator.as_mut().expect("aggregator of an open round").accumulate(&update)
+            });
+            match checked {
+                Ok(()) => {
+                    g.contributions.push(Contribution { site: update.site.clone(), sample_count: update.sample_count, bytes, receive_s });
+                    info!(samples = update.sample_count, bytes, receive_s, "update accepted ({}/{})", g.contributions.len(), self.cfg.federation.sites.len());
+                    Ok(round)
+                }
+                Err(e) => {
+                    warn!("update rejected: {e}");
+                    g.rejected.push(format!("{}: {e}", update.site));
+                    Err(CoordinatorError::from(e))
+                }
+            }
+        };
+        if outcome.is_ok() {
+            self.advance();
+        }
+        outcome
+    }
+
+    /// Records a site's rejected transfer (bad digest, malformed stream) in the round history.
+    pub fn record_rejection(&self, site: &SiteId, reason: &str) {
+        let mut g = self.lock();
+        g.rejected.push(format!("{site}: {reason}"));
+    }
+
+    /// Adds a batch of feature rows (already converted and checked by the server).
+    pub fn submit_features(self: &Arc<Self>, site: &SiteId, rows: Vec<FeatureRow>, batch_index: u32, last: bool) -> CoordResult<usize> {
+        let n = {
+            let mut g = self.lock();
+            if !matches!(g.phase, Phase::CollectingFeatures { .. }) {
+                return Err(CoordinatorError::WrongPhase("features are not being collected now".into()));
+            }
+            if g.features.contains_key(site) {
+                return Err(CoordinatorError::WrongPhase(format!("features of {site} were already received")));
+            }
+            let pending = g.pending_features.entry(site.clone()).or_default();
+            if batch_index == 0 {
+                pending.clear();
+            }
+            pending.extend(rows);
+            let n = pending.len();
+            if last {
+                let rows = g.pending_features.remove(site).unwrap_or_default();
+                info!(%site, rows = rows.len(), "features received");
+                g.features.insert(site.clone(), rows);
+            }
+            n
+        };
+        if last {
+            self.advance();
+        }
+        Ok(n)
+    }
+
+    /// Closes a round or the feature collection when its condition holds; call after every
+    /// accepted submission and periodically (timeouts).
+    pub fn advance(self: &Arc<Self>) {
+        let fed = &self.cfg.federation;
+        let timeout = Duration::from_secs(fed.round_timeout_secs);
+        let mut g = self.lock();
+        match g.phase {
+            Phase::Training { round, opened } => {
+                let n = g.contributions.len();
+                let timed_out = opened.elapsed() >= timeout;
+                if n == fed.sites.len() || (timed_out && n >= fed.min_sites) {
+                    let aggregator = g.aggregator.take().expect("aggregator of an open round");
+                    let global = g.global.clone();
+                    g.phase = Phase::Aggregating { round };
+                    drop(g);
+                    let this = self.clone();
+                    tokio::task::spawn_blocking(move || this.close_round(round, aggregator, global, opened));
+                } else if timed_out && !g.quorum_warned {
+                    g.quorum_warned = true;
+                    warn!(%round, have = n, need = fed.min_sites, "round timeout passed without quorum; still waiting");
+                }
+            }
+            Phase::CollectingFeatures { opened } => {
+                let n = g.features.len();
+                if n == fed.sites.len() || (opened.elapsed() >= timeout && n >= fed.min_sites) {
+                    g.phase = Phase::Evaluating;
+                    let rows: Vec<FeatureRow> = g.features.values().flatten().cloned().collect();
+                    let run = g.run.clone();
+                    drop(g);
+                    let this = self.clone();
+                    tokio::task::spawn_blocking(move || this.evaluate(rows, run));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn close_round(self: Arc<Self>, round: Round, aggregator: Box<dyn Aggregator>, global: Arc<ModelState>, opened: Instant) {
+        let span = info_span!("round", %round);
+        let _e = span.enter();
+        let duration_s = opened.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let result = aggregator.finish(&global);
+        let aggregate_s = t.elapsed().as_secs_f64();
+        let next = match result {
+            Ok(m) => m,
+            Err(e) => return self.fail(format!("aggregation of round {round} failed: {e}")),
+        };
+        let t = Instant::now();
+        let hash = next.weights_hash();
+        let run_id = self.lock().run.run_id.clone();
+        if let Err(e) = self.store.save_model(round, &next, &run_id) {
+            return self.fail(format!("checkpoint of round {round} failed: {e}"));
+        }
+        let mut g = self.lock();
+        let record = RoundRecord {
+            round,
+            model_hash: hash.clone(),
+            contributors: g.contributions.clone(),
+            rejected: g.rejected.clone(),
+            duration_s,
+            aggregate_s,
+            checkpoint_s: 0.0,
+        };
+        let mut run = g.run.clone();
+        run.completed_rounds = round.0;
+        run.global_model_hash = hash.clone();
+        run.history.push(record);
+        if let Err(e) = self.store.save(&run) {
+            drop(g);
+            return self.fail(format!("saving round state after round {round} failed: {e}"));
+        }
+        let checkpoint_s = t.elapsed().as_secs_f64();
+        if let Some(last) = run.history.last_mut() {
+            last.checkpoint_s = checkpoint_s;
+        }
+        g.run = run;
+        g.global = Arc::new(next);
+        info!(model = %hash.short(), sites = g.contributions.len(), duration_s, aggregate_s, checkpoint_s, "round complete");
+        self.enter_round_or_features(&mut g, Round(round.0 + 1));
+    }
+
+    fn evaluate(self: Arc<Self>, rows: Vec<FeatureRow>, run: RunState) {
+        let span = info_span!("evaluation", rows = rows.len());
+        let _e = span.enter();
+        match report::build_and_write(&self.cfg, &self.store, &run, &rows) {
+            Ok(summary) => {
+                let mut g = self.lock();
+                g.summary = summary;
+                g.phase = Phase::Done;
+                info!("report written to {}", self.store.dir().display());
+                drop(g);
+                let _ = self.finished.send(true);
+            }
+            Err(e) => self.fail(format!("evaluation failed: {e:#}")),
+        }
+    }
+
+    fn fail(&self, message: String) {
+        error!("{message}");
+        self.lock().phase = Phase::Failed(message);
+        let _ = self.finished.send(true);
+    }
+
+    /// The results table of a finished run (empty before).
+    pub fn summary(&self) -> String {
+        self.lock().summary.clone()
+    }
+
+    /// A snapshot for logs and the demo's progress lines.
+    pub fn describe(&self) -> String {
+        let g = self.lock();
+        match &g.phase {
+            Phase::Training { round, .. } => format!("round {round}/{}: {}/{} updates", self.cfg.federation.rounds, g.contributions.len(), self.cfg.federation.sites.len()),
+            Phase::Aggregating { round } => format!("round {round}: aggregating"),
+            Phase::CollectingFeatures { .. } => format!("features: {}/{} sites", g.features.len(), self.cfg.federation.sites.len()),
+            Phase::Evaluating => "evaluating".into(),
+            Phase::Done => "done".into(),
+            Phase::Failed(m) => format!("failed: {m}"),
+        }
+    }
+}
+
+fn new_run_id(initial: &ModelHash) -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(initial.0.as_bytes());
+    h.update(now.as_nanos().to_le_bytes());
+    h.update(std::process::id().to_le_bytes());
+    hex::encode(&h.finalize()[..8])
+}

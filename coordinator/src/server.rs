@@ -1,0 +1,182 @@
+//! The thin tonic service: identify the caller by certificate, convert proto ↔ domain,
+//! call the [`RoundController`], map errors through `status`. No federation logic here.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use aln_common::aggregate::ModelUpdate;
+use aln_common::cohort::FeatureRow;
+use aln_common::constants::MAX_GRPC_MESSAGE_BYTES;
+use aln_common::ids::SiteId;
+use aln_common::tls;
+use aln_common::wire::{ChunkEncoder, PayloadKind, ReceiveLimits, Reassembler};
+use aln_proto::{self as pb, PROTO_VERSION, federation_server::{Federation, FederationServer}};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio_stream::{Stream, wrappers::TcpListenerStream};
+use tonic::transport::{Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::rounds::{RoundController, TaskDecision};
+use crate::status::{CoordResult, CoordinatorError};
+
+/// Serves the federation on `listener` until `shutdown` resolves.
+pub async fn run(
+    listener: TcpListener,
+    tls: ServerTlsConfig,
+    controller: Arc<RoundController>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let service = FederationServer::new(FederationService { ctl: controller })
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+pub struct FederationService {
+    ctl: Arc<RoundController>,
+}
+
+impl FederationService {
+    /// The caller's site id, from the verified client certificate; refuses outsiders.
+    fn identify<T>(&self, req: &Request<T>) -> CoordResult<SiteId> {
+        let certs = req.peer_certs().ok_or(CoordinatorError::NoCertificate)?;
+        let leaf = certs.first().ok_or(CoordinatorError::NoCertificate)?;
+        let cn = tls::common_name(leaf.as_ref())?;
+        match SiteId::new(cn.clone()) {
+            Ok(site) if self.ctl.is_admitted(&site) => Ok(site),
+            _ => {
+                warn!(common_name = %cn, "refused a certificate that is not in the consortium");
+                Err(CoordinatorError::NotAdmitted(cn))
+            }
+        }
+    }
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let site = self.identify(&req)?;
+        let r = req.into_inner();
+        if r.proto_version != PROTO_VERSION {
+            return Err(CoordinatorError::Version { got: r.proto_version, want: PROTO_VERSION }.into());
+        }
+        info!(%site, software = %r.software_version, train_patients = r.train_patients, total_patients = r.total_patients, "join");
+        let j = self.ctl.join(&site);
+        Ok(Response::new(pb::JoinReply {
+            site_id: site.to_string(),
+            run_id: j.run_id,
+            plan: Some(plan_to_proto(&j.plan)),
+            total_rounds: j.total_rounds,
+        }))
+    }
+
+    async fn next_task(&self, req: Request<pb::TaskRequest>) -> Result<Response<pb::Task>, Status> {
+        let site = self.identify(&req)?;
+        use pb::task::Kind;
+        let kind = match self.ctl.next_task(&site) {
+            TaskDecision::Train { round, model_hash, plan } => {
+                Kind::Train(pb::TrainTask { round: round.0, model_hash: model_hash.0, plan: Some(plan_to_proto(&plan)) })
+            }
+            TaskDecision::Extract { model_hash } => Kind::Extract(pb::ExtractTask { model_hash: model_hash.0 }),
+            TaskDecision::Wait { retry_after_ms, reason } => Kind::Wait(pb::WaitTask { retry_after_ms, reason }),
+            TaskDecision::Done { summary } => Kind::Done(pb::DoneTask { summary }),
+        };
+        Ok(Response::new(pb::Task { kind: Some(kind) }))
+    }
+
+    type PullModelStream = ChunkStream;
+
+    async fn pull_model(&self, req: Request<pb::PullRequest>) -> Result<Response<ChunkStream>, Status> {
+        let site = self.identify(&req)?;
+        let r = req.into_inner();
+        let (model, meta) = self.ctl.model_for_pull(&r.model_hash)?;
+        let chunk = if r.max_chunk_bytes == 0 { self.ctl.config().federation.max_chunk_bytes } else { r.max_chunk_bytes as usize };
+        info!(%site, model = %meta.base_model_hash.short(), bytes = model.byte_len(), "model pull");
+        let encoder = ChunkEncoder::new(model, meta, chunk);
+        Ok(Response::new(Box::pin(tokio_stream::iter(encoder.map(Ok)))))
+    }
+
+    async fn push_update(&self, req: Request<Streaming<pb::ModelChunk>>) -> Result<Response<pb::UpdateAck>, Status> {
+        let site = self.identify(&req)?;
+        let mut stream = req.into_inner();
+        let schema = self.ctl.schema();
+        let total: u64 = schema.iter().map(|s| s.numel() as u64 * 4).sum();
+        let mut reassembler = Reassembler::new(ReceiveLimits {
+            max_total_bytes: total,
+            max_chunk_bytes: self.ctl.config().federation.max_chunk_bytes,
+            expected_schema: Some(schema),
+        });
+        let started = Instant::now();
+        let mut bytes = 0u64;
+        let mut payload = None;
+        let reject = |e: CoordinatorError| {
+            warn!(%site, "transfer rejected: {e}");
+            self.ctl.record_rejection(&site, &e.to_string());
+            Status::from(e)
+        };
+        loop {
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(s) => return Err(reject(CoordinatorError::Transport(s.message().to_string()))),
+            };
+            bytes += msg.encoded_len() as u64;
+            match reassembler.push(msg) {
+                Ok(Some(p)) => payload = Some(p),
+                Ok(None) => {}
+                Err(e) => return Err(reject(e.into())),
+            }
+        }
+        reassembler.finish().map_err(|e| reject(e.into()))?;
+        let p = payload.ok_or_else(|| reject(CoordinatorError::Transport("no payload".into())))?;
+        if p.meta.kind != PayloadKind::Delta {
+            return Err(reject(aln_common::Error::InvalidUpdate("an update must carry a delta, not full weights".into()).into()));
+        }
+        let update = ModelUpdate {
+            site: site.clone(),
+            round: p.meta.round,
+            base: p.meta.base_model_hash,
+            sample_count: p.meta.sample_count,
+            delta: p.state,
+        };
+        let receive_s = started.elapsed().as_secs_f64();
+        let ctl = self.ctl.clone();
+        let round = tokio::task::spawn_blocking(move || ctl.submit_update(update, bytes, receive_s))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(pb::UpdateAck { round: round.0, message: format!("update of {site} accepted for round {round}") }))
+    }
+
+    async fn submit_features(&self, req: Request<pb::FeatureBatch>) -> Result<Response<pb::FeatureAck>, Status> {
+        let site = self.identify(&req)?;
+        let batch = req.into_inner();
+        let rows = batch
+            .rows
+            .into_iter()
+            .map(|r| FeatureRow::from_proto(&site, r, None))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(CoordinatorError::from)?;
+        let n = self.ctl.submit_features(&site, rows, batch.batch_index, batch.last)?;
+        Ok(Response::new(pb::FeatureAck { rows_received: n as u32 }))
+    }
+}
+
+fn plan_to_proto(p: &aln_common::config::TrainingPlan) -> pb::TrainingPlan {
+    pb::TrainingPlan {
+        local_steps: p.local_steps,
+        batch_size: p.batch_size,
+        learning_rate: p.learning_rate,
+        image_size: p.image_size,
+        seed: p.seed,
+    }
+}

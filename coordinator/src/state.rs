@@ -1,0 +1,125 @@
+//! The coordinator's state directory: the durable record of a run.
+//!
+//! ```text
+//! state/round_state.json          RunState: completed rounds, current model hash, history
+//! state/models/global_r0000.safetensors   initial model; global_rNNNN after round N
+//! state/report.json, features.csv  written at the end
+//! ```
+//!
+//! The model of round N is written before `round_state.json` says round N is complete, both
+//! atomically, so a crash at any point leaves a consistent state to resume from.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use aln_common::atomic_file;
+use aln_common::constants::{global_model_file, state_files};
+use aln_common::ids::{ModelHash, Round, SiteId};
+use aln_common::model_state::ModelState;
+use serde::{Deserialize, Serialize};
+
+use crate::status::{CoordResult, CoordinatorError};
+
+/// Version of the `round_state.json` layout.
+pub const STATE_FORMAT_VERSION: u32 = 1;
+
+/// One site's accepted update in a round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Contribution {
+    pub site: SiteId,
+    pub sample_count: u64,
+    pub bytes: u64,
+    /// Seconds from the first to the last chunk received, including reassembly.
+    pub receive_s: f64,
+}
+
+/// What happened in one completed round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub round: Round,
+    pub model_hash: ModelHash,
+    pub contributors: Vec<Contribution>,
+    pub rejected: Vec<String>,
+    /// Seconds from the round's opening to its closing.
+    pub duration_s: f64,
+    pub aggregate_s: f64,
+    pub checkpoint_s: f64,
+}
+
+/// Durable progress of a run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunState {
+    pub format_version: u32,
+    pub run_id: String,
+    pub completed_rounds: u32,
+    pub global_model_hash: ModelHash,
+    pub schema_hash: String,
+    pub history: Vec<RoundRecord>,
+}
+
+/// Reads and writes the state directory.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn model_path(&self, round: Round) -> PathBuf {
+        self.dir.join(state_files::MODELS_DIR).join(global_model_file(round.0))
+    }
+
+    /// The saved run, if the directory holds one.
+    pub fn load(&self) -> CoordResult<Option<RunState>> {
+        let path = self.dir.join(state_files::ROUND_STATE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|e| CoordinatorError::Internal(format!("{}: {e}", path.display())))?;
+        let state: RunState = serde_json::from_str(&text)
+            .map_err(|e| CoordinatorError::Internal(format!("{}: not a valid round state: {e}", path.display())))?;
+        if state.format_version != STATE_FORMAT_VERSION {
+            return Err(CoordinatorError::Internal(format!(
+                "{}: state format {} is not supported (expected {STATE_FORMAT_VERSION})",
+                path.display(),
+                state.format_version
+            )));
+        }
+        Ok(Some(state))
+    }
+
+    pub fn save(&self, state: &RunState) -> CoordResult<()> {
+        Ok(atomic_file::write_json(&self.dir.join(state_files::ROUND_STATE), state)?)
+    }
+
+    pub fn save_model(&self, round: Round, model: &ModelState, run_id: &str) -> CoordResult<()> {
+        let meta = HashMap::from([
+            ("round".to_string(), round.0.to_string()),
+            ("run_id".to_string(), run_id.to_string()),
+            ("kind".to_string(), "global".to_string()),
+        ]);
+        Ok(model.save(&self.model_path(round), &meta)?)
+    }
+
+    /// Loads the model of `round` and checks it is the version the state recorded.
+    pub fn load_model(&self, round: Round, expected: &ModelHash) -> CoordResult<ModelState> {
+        let (model, _) = ModelState::load(&self.model_path(round))?;
+        let got = model.weights_hash();
+        if &got != expected {
+            return Err(CoordinatorError::Internal(format!(
+                "{}: hashes to {} but round_state.json expects {}",
+                self.model_path(round).display(),
+                got.short(),
+                expected.short()
+            )));
+        }
+        Ok(model)
+    }
+}
