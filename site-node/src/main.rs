@@ -1,1 +1,267 @@
-fn main() {}
+//! `site-node`: runs at a hospital next to its data. Trains the bimodal ResNet50 locally,
+//! sends only weight deltas and, when asked, per-patient feature rows.
+
+mod client;
+mod data;
+mod model;
+mod synth;
+mod train;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use aln_common::cohort::{assign_splits, read_manifest};
+use aln_common::config::{DeviceChoice, SiteConfig};
+use aln_common::constants::{DEFAULT_DEEP_FEATURE_DIM, DEFAULT_HIDDEN_DIM};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use tch::Device;
+use tracing::{info, warn};
+
+use crate::model::{BimodalNet, HeadDims};
+
+#[derive(Parser)]
+#[command(name = "site-node", version, about = "A hospital's node of the ALN federation: local training, only weight updates leave.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the built-in synthetic multi-center cohort (images + manifest per site).
+    Synth {
+        #[arg(long, default_value_t = 3)]
+        sites: usize,
+        #[arg(long, default_value_t = 584)]
+        patients: usize,
+        #[arg(long, default_value_t = 2020)]
+        seed: u64,
+        /// Side of the generated square images, pixels.
+        #[arg(long, default_value_t = 128)]
+        image_px: u32,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Create the initial global model (safetensors) the coordinator starts from.
+    InitModel {
+        #[arg(long)]
+        out: PathBuf,
+        /// torchvision ResNet50 weights (safetensors) for the shared trunk; random init without.
+        #[arg(long)]
+        pretrained: Option<PathBuf>,
+        #[arg(long, default_value_t = DEFAULT_HIDDEN_DIM as i64)]
+        hidden_dim: i64,
+        /// Length of the deep-feature vector (penultimate FC layer).
+        #[arg(long, default_value_t = DEFAULT_DEEP_FEATURE_DIM as i64)]
+        feature_dim: i64,
+        /// 2 = N0 vs N+ (task 1), 3 = N0 / N+(1-2) / N+(≥3).
+        #[arg(long, default_value_t = 2)]
+        classes: i64,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
+    },
+    /// Validate a manifest and its images, and print a summary; nothing is sent anywhere.
+    CheckData {
+        #[arg(long)]
+        manifest: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        image_size: u32,
+    },
+    /// Join the federation and follow the coordinator until the run is done.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Override `site.coordinator` (e.g. https://127.0.0.1:50051).
+        #[arg(long)]
+        coordinator: Option<String>,
+        /// Override `site.manifest`.
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+        /// Override `site.work_dir`.
+        #[arg(long)]
+        work_dir: Option<PathBuf>,
+        /// Override `site.device`.
+        #[arg(long, value_enum)]
+        device: Option<DeviceArg>,
+        /// Override `site.threads`.
+        #[arg(long)]
+        threads: Option<usize>,
+        /// How long to keep retrying the first connection, seconds.
+        #[arg(long, default_value_t = 120)]
+        connect_patience: u64,
+    },
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => b.with_target(false).init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+fn pick_device(choice: DeviceChoice) -> Result<Device> {
+    Ok(match choice {
+        DeviceChoice::Cpu => Device::Cpu,
+        DeviceChoice::Cuda => {
+            if !tch::Cuda::is_available() {
+                bail!("device = cuda but no CUDA device is available");
+            }
+            Device::Cuda(0)
+        }
+        DeviceChoice::Auto => Device::cuda_if_available(),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    match cli.command {
+        Command::Synth { sites, patients, seed, image_px, out } => {
+            let dirs = synth::generate(&synth::SynthOptions { sites, patients, seed, image_px, out })?;
+            info!(sites = dirs.len(), "synthetic cohort ready");
+            Ok(())
+        }
+        Command::InitModel { out, pretrained, hidden_dim, feature_dim, classes, seed } => {
+            if !(2..=3).contains(&classes) {
+                bail!("--classes must be 2 or 3");
+            }
+            tch::manual_seed(seed);
+            let mut net = BimodalNet::new(Device::Cpu, HeadDims { hidden: hidden_dim, feature: feature_dim, classes });
+            let source = match &pretrained {
+                Some(p) => {
+                    let n = net.load_torchvision_trunk(p)?;
+                    info!(tensors = n, "trunk initialised from {}", p.display());
+                    p.display().to_string()
+                }
+                None => {
+                    warn!("no --pretrained weights: the trunk is randomly initialised (fine for demos and tests, not for real use)");
+                    "random".to_string()
+                }
+            };
+            let state = net.export()?;
+            let meta = std::collections::HashMap::from([
+                ("kind".to_string(), "initial".to_string()),
+                ("trunk".to_string(), source),
+                ("classes".to_string(), classes.to_string()),
+            ]);
+            state.save(&out, &meta)?;
+            info!(params = state.numel(), bytes = state.byte_len(), hash = %state.weights_hash().short(), "initial model written to {}", out.display());
+            Ok(())
+        }
+        Command::CheckData { manifest, image_size } => check_data(manifest, image_size),
+        Command::Run { config, coordinator, manifest, work_dir, device, threads, connect_patience } => {
+            let mut cfg = SiteConfig::load(&config)?;
+            if let Some(c) = coordinator {
+                cfg.site.coordinator = c;
+            }
+            if let Some(m) = manifest {
+                cfg.site.manifest = m;
+            }
+            if let Some(w) = work_dir {
+                cfg.site.work_dir = w;
+            }
+            if let Some(d) = device {
+                cfg.site.device = match d {
+                    DeviceArg::Auto => DeviceChoice::Auto,
+                    DeviceArg::Cpu => DeviceChoice::Cpu,
+                    DeviceArg::Cuda => DeviceChoice::Cuda,
+                };
+            }
+            if let Some(t) = threads {
+                cfg.site.threads = t;
+            }
+            run(cfg, Duration::from_secs(connect_patience)).await
+        }
+    }
+}
+
+fn load_rows(manifest: &std::path::Path) -> Result<Vec<aln_common::cohort::ManifestRow>> {
+    let mut rows = read_manifest(manifest)?;
+    if rows.iter().any(|r| r.split.is_none()) {
+        // Stratified, seeded, patient-level split for rows without a fixed one.
+        let stages: Vec<_> = rows.iter().map(|r| r.n_stage).collect();
+        let splits = assign_splits(&stages, 2020);
+        for (r, s) in rows.iter_mut().zip(splits) {
+            r.split.get_or_insert(s);
+        }
+        info!("assigned train/validation/test splits (seed 2020) to rows without one");
+    }
+    Ok(rows)
+}
+
+fn check_data(manifest: PathBuf, image_size: u32) -> Result<()> {
+    let rows = load_rows(&manifest)?;
+    let n = rows.len();
+    let data = data::SiteData::load(rows, image_size).with_context(|| format!("checking images of {}", manifest.display()))?;
+    let mut by_class: BTreeMap<String, usize> = BTreeMap::new();
+    let mut by_split: BTreeMap<String, usize> = BTreeMap::new();
+    let mut missing: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &data.rows {
+        *by_class.entry(r.n_stage.to_string()).or_default() += 1;
+        *by_split.entry(r.split.map_or("-".into(), |s| s.to_string())).or_default() += 1;
+        let c = &r.clinical;
+        for (name, absent) in [
+            ("age", c.age_years.is_none()),
+            ("us_size_mm", c.us_size_mm.is_none()),
+            ("er", c.er_positive.is_none()),
+            ("pr", c.pr_positive.is_none()),
+            ("her2", c.her2_positive.is_none()),
+            ("ki67", c.ki67_positive.is_none()),
+            ("birads", c.birads.is_none()),
+            ("histology", c.histology.is_none()),
+            ("location", c.location.is_none()),
+            ("axillary_us", c.axillary_us_positive.is_none()),
+        ] {
+            if absent {
+                *missing.entry(name).or_default() += 1;
+            }
+        }
+    }
+    let summary = serde_json::json!({
+        "manifest": manifest.display().to_string(),
+        "patients": n,
+        "by_class": by_class,
+        "by_split": by_split,
+        "missing_values": missing,
+        "images_checked": 2 * n,
+    });
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+async fn run(cfg: SiteConfig, patience: Duration) -> Result<()> {
+    if cfg.site.threads > 0 {
+        tch::set_num_threads(cfg.site.threads as i32);
+    }
+    let device = pick_device(cfg.site.device)?;
+    let rows = load_rows(&cfg.site.manifest)?;
+    info!(patients = rows.len(), ?device, manifest = %cfg.site.manifest.display(), "local data found; images stay on this machine");
+    let session = client::Session::connect(cfg, patience).await?;
+    // The crop size comes from the coordinator's plan, so the data is loaded after joining.
+    session.run(device, rows).await.map(|summary| {
+        if !summary.is_empty() {
+            info!("run summary:\n{summary}");
+        }
+    })
+}

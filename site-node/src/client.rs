@@ -1,0 +1,282 @@
+//! The site's session with the coordinator: connect over mTLS, join, then follow the
+//! coordinator's tasks (train / extract / wait / done) until the run is over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use aln_common::cohort::{ManifestRow, Split};
+use tch::Device;
+use aln_common::config::{SiteConfig, TrainingPlan};
+use aln_common::constants::{FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
+use aln_common::ids::{ModelHash, Round, SiteId};
+use aln_common::model_state::ModelState;
+use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta, ReceiveLimits, Reassembler};
+use aln_proto::{self as pb, PROTO_VERSION, federation_client::FederationClient};
+use anyhow::{Context, Result, anyhow, bail};
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::data::SiteData;
+use crate::model::BimodalNet;
+use crate::train;
+
+/// The network (built from the first global model received), lent to blocking threads.
+struct Slot {
+    device: Device,
+    net: Option<BimodalNet>,
+}
+
+impl Slot {
+    /// The network, created with the global model's shapes on first use.
+    fn get(&mut self, global: &ModelState) -> Result<&mut BimodalNet> {
+        if self.net.is_none() {
+            self.net = Some(BimodalNet::from_state(self.device, global)?);
+        }
+        Ok(self.net.as_mut().expect("just set"))
+    }
+}
+
+type SharedNet = Arc<Mutex<Slot>>;
+
+/// How the session reaches the coordinator.
+pub struct Session {
+    client: FederationClient<Channel>,
+    cfg: SiteConfig,
+}
+
+/// Per-round timings the site keeps in `work_dir/timings.jsonl`.
+#[derive(Debug, Serialize)]
+struct RoundTiming {
+    round: u32,
+    pull_s: f64,
+    train_s: f64,
+    push_s: f64,
+    bytes_sent: u64,
+    mean_loss: f64,
+}
+
+impl Session {
+    /// Connects with exponential backoff (up to `patience`), mTLS only.
+    pub async fn connect(cfg: SiteConfig, patience: Duration) -> Result<Self> {
+        let tls = cfg.tls.client_config(&cfg.site.server_name)?;
+        let endpoint = Endpoint::from_shared(cfg.site.coordinator.clone())
+            .with_context(|| format!("site.coordinator {:?} is not a valid URL", cfg.site.coordinator))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .tcp_keepalive(Some(Duration::from_secs(30)));
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(200);
+        let channel = loop {
+            match endpoint.connect().await {
+                Ok(c) => break c,
+                Err(e) if started.elapsed() < patience => {
+                    warn!("coordinator not reachable yet ({e}); retrying in {delay:?}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(anyhow!(e).context(format!("cannot reach the coordinator at {}", cfg.site.coordinator))),
+            }
+        };
+        let client = FederationClient::new(channel)
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        Ok(Self { client, cfg })
+    }
+
+    /// Follows the coordinator's tasks until it says the run is done.
+    /// Joins, loads the local crops at the plan's image size, then follows the coordinator's
+    /// tasks until it says the run is done. Returns the coordinator's closing summary.
+    pub async fn run(mut self, device: Device, rows: Vec<ManifestRow>) -> Result<String> {
+        let net: SharedNet = Arc::new(Mutex::new(Slot { device, net: None }));
+        let train_n = rows.iter().filter(|r| r.split == Some(Split::Train)).count() as u64;
+        let total_n = rows.len() as u64;
+        let joined = self
+            .client
+            .join(pb::JoinRequest {
+                proto_version: PROTO_VERSION.into(),
+                software_version: env!("CARGO_PKG_VERSION").into(),
+                train_patients: train_n,
+                total_patients: total_n,
+            })
+            .await
+            .context("join refused")?
+            .into_inner();
+        let site = SiteId::new(joined.site_id.clone())?;
+        info!(%site, run = %joined.run_id, rounds = joined.total_rounds, "joined the federation");
+        let image_size = joined.plan.as_ref().map_or(64, |p| p.image_size);
+        let t = Instant::now();
+        let data = Arc::new(tokio::task::spawn_blocking(move || SiteData::load(rows, image_size)).await??);
+        info!(patients = data.len(), image_size, load_s = format!("{:.2}", t.elapsed().as_secs_f64()), "ROI crops prepared");
+        let site_seed = site.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let updates_dir = self.cfg.site.work_dir.join("updates");
+        let mut failures = 0;
+        loop {
+            let task = self.client.next_task(pb::TaskRequest {}).await.context("asking for the next task")?.into_inner();
+            use pb::task::Kind;
+            let result = match task.kind {
+                Some(Kind::Train(t)) => {
+                    let plan = plan_from_proto(t.plan.as_ref().ok_or_else(|| anyhow!("train task without a plan"))?);
+                    let span = info_span!("round", round = t.round, %site);
+                    self.train_round(&data, &net, t.round, joined.total_rounds, ModelHash(t.model_hash), plan, site_seed, &updates_dir)
+                        .instrument(span)
+                        .await
+                }
+                Some(Kind::Extract(e)) => self.extract(&data, &net, &site, ModelHash(e.model_hash)).await,
+                Some(Kind::Wait(w)) => {
+                    tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms.max(50)))).await;
+                    Ok(())
+                }
+                Some(Kind::Done(d)) => {
+                    info!("coordinator reports the run is done");
+                    return Ok(d.summary);
+                }
+                None => bail!("coordinator sent an empty task"),
+            };
+            match result {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    error!("task failed ({failures}/3): {e:#}");
+                    if failures >= 3 {
+                        return Err(e.context("three tasks in a row failed"));
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn pull(&mut self, hash: &ModelHash) -> Result<ModelState> {
+        let mut stream = self
+            .client
+            .pull_model(pb::PullRequest { model_hash: hash.0.clone(), max_chunk_bytes: 0 })
+            .await
+            .context("pulling the global model")?
+            .into_inner();
+        let mut r = Reassembler::new(ReceiveLimits::default());
+        let mut payload = None;
+        while let Some(chunk) = stream.message().await.context("model download broke off")? {
+            if let Some(p) = r.push(chunk)? {
+                payload = Some(p);
+            }
+        }
+        r.finish()?;
+        let p = payload.ok_or_else(|| anyhow!("empty model stream"))?;
+        if &p.digest != hash {
+            bail!("received model {} but asked for {}", p.digest.short(), hash.short());
+        }
+        Ok(p.state)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn train_round(
+        &mut self,
+        data: &Arc<SiteData>,
+        net: &SharedNet,
+        round: u32,
+        total_rounds: u32,
+        hash: ModelHash,
+        plan: TrainingPlan,
+        site_seed: u64,
+        updates_dir: &std::path::Path,
+    ) -> Result<()> {
+        let t = Instant::now();
+        let global = self.pull(&hash).await?;
+        let pull_s = t.elapsed().as_secs_f64();
+        info!(model = %hash.short(), pull_s = format!("{pull_s:.2}"), "training round {round} from the global model");
+        let outcome = {
+            let data = data.clone();
+            let global = global.clone();
+            let net = net.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
+                train::train_round(slot.get(&global)?, &data, &global, &plan, round, total_rounds, site_seed)
+            })
+            .await??
+        };
+        // Keep what we send, for audit (and for the end-to-end test to recompute FedAvg).
+        let meta = HashMap::from([
+            ("round".to_string(), round.to_string()),
+            ("base_model_hash".to_string(), hash.0.clone()),
+            ("sample_count".to_string(), outcome.sample_count.to_string()),
+            ("kind".to_string(), "delta".to_string()),
+        ]);
+        let delta = Arc::new(outcome.delta);
+        {
+            let delta = delta.clone();
+            let path = updates_dir.join(local_update_file(round));
+            tokio::task::spawn_blocking(move || delta.save(&path, &meta)).await??;
+        }
+        let t = Instant::now();
+        let encoder = ChunkEncoder::new(
+            delta.clone(),
+            PayloadMeta { kind: PayloadKind::Delta, round: Round(round), base_model_hash: hash, sample_count: outcome.sample_count },
+            0,
+        );
+        let bytes_sent = delta.byte_len() as u64;
+        let ack = self
+            .client
+            .push_update(tokio_stream::iter(encoder))
+            .await
+            .map_err(|s| anyhow!("update for round {round} refused: {} ({:?})", s.message(), s.code()))?
+            .into_inner();
+        let push_s = t.elapsed().as_secs_f64();
+        info!(
+            train_s = format!("{:.2}", outcome.train_s),
+            push_s = format!("{push_s:.2}"),
+            bytes = bytes_sent,
+            loss = format!("{:.4}", outcome.mean_loss),
+            "{}",
+            ack.message
+        );
+        let timing = RoundTiming { round, pull_s, train_s: outcome.train_s, push_s, bytes_sent, mean_loss: outcome.mean_loss };
+        append_jsonl(&self.cfg.site.work_dir.join("timings.jsonl"), &timing)?;
+        Ok(())
+    }
+
+    async fn extract(&mut self, data: &Arc<SiteData>, net: &SharedNet, site: &SiteId, hash: ModelHash) -> Result<()> {
+        let global = self.pull(&hash).await?;
+        let t = Instant::now();
+        let rows = {
+            let data = data.clone();
+            let site = site.clone();
+            let net = net.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
+                train::extract_features(slot.get(&global)?, &data, &global, &site, 32)
+            })
+            .await??
+        };
+        info!(patients = rows.len(), extract_s = format!("{:.2}", t.elapsed().as_secs_f64()), "deep features extracted");
+        let batches: Vec<_> = rows.chunks(FEATURE_ROWS_PER_BATCH).collect();
+        for (i, chunk) in batches.iter().enumerate() {
+            self.client
+                .submit_features(pb::FeatureBatch {
+                    model_hash: hash.0.clone(),
+                    rows: chunk.iter().map(pb::FeatureRow::from).collect(),
+                    last: i + 1 == batches.len(),
+                    batch_index: i as u32,
+                })
+                .await
+                .map_err(|s| anyhow!("features refused: {} ({:?})", s.message(), s.code()))?;
+        }
+        info!(rows = rows.len(), "features sent");
+        Ok(())
+    }
+}
+
+fn plan_from_proto(p: &pb::TrainingPlan) -> TrainingPlan {
+    TrainingPlan { local_steps: p.local_steps, batch_size: p.batch_size, learning_rate: p.learning_rate, image_size: p.image_size, seed: p.seed }
+}
+
+fn append_jsonl<T: Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    writeln!(f, "{}", serde_json::to_string(value)?)?;
+    Ok(())
+}
