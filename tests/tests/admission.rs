@@ -1,0 +1,50 @@
+//! Who may talk to the coordinator: only clients with a certificate from the consortium CA
+//! whose Common Name is a configured site.
+
+use aln_e2e::*;
+use aln_proto as pb;
+use tonic::Code;
+
+async fn join(client: &mut aln_proto::federation_client::FederationClient<tonic::transport::Channel>) -> Result<pb::JoinReply, tonic::Status> {
+    client
+        .join(pb::JoinRequest { proto_version: aln_proto::PROTO_VERSION.into(), software_version: "test".into(), train_patients: 1, total_patients: 1 })
+        .await
+        .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_consortium_certificates_are_admitted() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // site-x gets a valid certificate from the right CA but is not in the config.
+    let pki = provision(dir.path(), &["site-a", "site-b", "site-x"])?;
+    tiny_model(1.0).save(&pki.join("coordinator/initial_model.safetensors"), &Default::default())?;
+    let cfg = write_coordinator_config(&pki, &["site-a", "site-b"], "rounds = 1\nmin_sites = 2\n")?;
+    let coord = CoordinatorProc::start(&cfg)?;
+
+    // A member is admitted, and its id comes from its certificate.
+    let mut a = connect(&coord.addr, &ClientIdentity::site(&pki, "site-a")).await?;
+    assert_eq!(join(&mut a).await?.site_id, "site-a");
+
+    // No client certificate: the TLS handshake is refused.
+    let ca = pki.join("coordinator/ca.pem");
+    let mut anon = connect(&coord.addr, &ClientIdentity { ca: ca.clone(), cert_key: None }).await?;
+    let e = join(&mut anon).await.expect_err("anonymous client admitted");
+    assert!(matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Unauthenticated), "{e:?}");
+
+    // A certificate from another CA (trusting the real server CA so only the client side is wrong).
+    let other = provision(&dir.path().join("other"), &["site-a"])?;
+    let forged = ClientIdentity { ca, cert_key: Some((other.join("sites/site-a/site.pem"), other.join("sites/site-a/site.key"))) };
+    let mut f = connect(&coord.addr, &forged).await?;
+    let e = join(&mut f).await.expect_err("foreign-CA client admitted");
+    assert!(matches!(e.code(), Code::Unavailable | Code::Unknown | Code::Unauthenticated), "{e:?}");
+
+    // A valid certificate for a site that is not a member.
+    let mut x = connect(&coord.addr, &ClientIdentity::site(&pki, "site-x")).await?;
+    let e = join(&mut x).await.expect_err("non-member admitted");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("site-x"), "{e:?}");
+    let e = x.next_task(pb::TaskRequest {}).await.expect_err("non-member got a task");
+    assert_eq!(e.code(), Code::PermissionDenied);
+    assert!(coord.log_text().contains("refused a certificate"));
+    Ok(())
+}

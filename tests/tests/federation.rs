@@ -1,0 +1,115 @@
+//! The walking skeleton, end to end with real processes: synthetic cohort → provisioning →
+//! coordinator + 3 site-node binaries on loopback mTLS → 2 rounds at 32 px → features →
+//! fusion SVM → report.json.
+//!
+//! Checks that (1) each stored global model equals the sample-weighted mean of the deltas
+//! the sites kept of what they sent, recomputed here independently, and (2) the report's
+//! test patients are exactly the manifests' test rows.
+
+use std::collections::BTreeSet;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use aln_common::cohort::{Split, read_manifest};
+use aln_common::constants::{global_model_file, local_update_file};
+use aln_common::model_state::ModelState;
+use aln_e2e::*;
+
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+const ROUNDS: u32 = 2;
+
+#[test]
+fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    run_ok(Command::new(bin("site-node")).args(["synth", "--sites", "3", "--patients", "150", "--image-px", "64", "--seed", "11", "--out"]).arg(root.join("cohort")))?;
+    let pki = provision(root, &SITES)?;
+    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "64", "--feature-dim", "16", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    let cfg = write_coordinator_config(
+        &pki,
+        &SITES,
+        &format!("rounds = {ROUNDS}\nmin_sites = 3\n\n[training]\nlocal_steps = 2\nbatch_size = 4\nlearning_rate = 1e-4\nimage_size = 32\nseed = 7\n"),
+    )?;
+    let mut coord = CoordinatorProc::start(&cfg)?;
+
+    let mut sites = Vec::new();
+    for s in SITES {
+        let log = std::fs::File::create(root.join(format!("{s}.log")))?;
+        let child = Command::new(bin("site-node"))
+            .args(["run", "--threads", "1", "--device", "cpu", "--coordinator", &coord.url(), "--config"])
+            .arg(pki.join(format!("sites/{s}/site.toml")))
+            .arg("--manifest")
+            .arg(root.join(format!("cohort/{s}/manifest.csv")))
+            .arg("--work-dir")
+            .arg(root.join(format!("work/{s}")))
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()?;
+        sites.push((s, child));
+    }
+    let status = coord.wait(Duration::from_secs(900))?;
+    assert!(status.success(), "coordinator failed:\n{}", coord.log_text());
+    for (s, child) in &mut sites {
+        let st = wait_child(child, Duration::from_secs(60), s)?;
+        assert!(st.success(), "{s} failed:\n{}", std::fs::read_to_string(root.join(format!("{s}.log")))?);
+    }
+
+    // (1) FedAvg: global_r = global_{r-1} + Σ n_k Δ_k / Σ n_k, from the sites' own copies.
+    let models = coord.state_dir.join("models");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(coord.state_dir.join("round_state.json"))?)?;
+    assert_eq!(state["completed_rounds"], ROUNDS);
+    for r in 1..=ROUNDS {
+        let (prev, _) = ModelState::load(&models.join(global_model_file(r - 1)))?;
+        let (stored, _) = ModelState::load(&models.join(global_model_file(r)))?;
+        let mut sum = vec![0f64; prev.numel()];
+        let mut total = 0f64;
+        for s in SITES {
+            let (delta, meta) = ModelState::load(&root.join(format!("work/{s}/updates/{}", local_update_file(r))))?;
+            assert_eq!(meta["base_model_hash"], prev.weights_hash().0, "{s} round {r} trained from another model");
+            assert!(delta.same_schema(&prev));
+            let n: f64 = meta["sample_count"].parse()?;
+            total += n;
+            for (acc, d) in sum.iter_mut().zip(delta.data()) {
+                *acc += n * f64::from(*d);
+            }
+        }
+        let recorded: f64 = state["history"][(r - 1) as usize]["contributors"].as_array().unwrap().iter().map(|c| c["sample_count"].as_f64().unwrap()).sum();
+        assert_eq!(recorded, total);
+        let mut worst = 0f64;
+        for ((s, p), acc) in stored.data().iter().zip(prev.data()).zip(&sum) {
+            let expected = f64::from(*p) + acc / total;
+            worst = worst.max((f64::from(*s) - expected).abs() / (1.0 + expected.abs()));
+        }
+        assert!(worst < 1e-5, "round {r}: stored global model differs from the weighted mean by {worst}");
+        let moved = stored.data().iter().zip(prev.data()).filter(|(a, b)| a != b).count();
+        assert!(moved > stored.numel() / 2, "round {r}: the model barely changed ({moved} values)");
+    }
+
+    // (2) The report's test patients are exactly the manifests' test rows.
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(coord.state_dir.join("report.json"))?)?;
+    let reported: BTreeSet<(String, String)> = report["task1"]["test_patients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["site"].as_str().unwrap().to_string(), p["patient_id"].as_str().unwrap().to_string()))
+        .collect();
+    let mut expected = BTreeSet::new();
+    for s in SITES {
+        for row in read_manifest(&root.join(format!("cohort/{s}/manifest.csv")))? {
+            if row.split == Some(Split::Test) {
+                expected.insert((s.to_string(), row.patient_id));
+            }
+        }
+    }
+    assert_eq!(reported, expected);
+    assert_eq!(report["task1"]["n_test"].as_u64().unwrap() as usize, expected.len());
+    for m in ["axillary_us", "clinical_only", "images_only", "combined"] {
+        let method = report["task1"]["methods"].as_array().unwrap().iter().find(|x| x["method"] == m).expect(m);
+        let auc = method["pooled_test"]["auc"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&auc), "{m}: {auc}");
+    }
+    assert!(std::fs::read_to_string(coord.state_dir.join("features.csv"))?.lines().count() == 151);
+    let out = std::fs::read_to_string(pki.join("coordinator/coordinator.out"))?;
+    assert!(out.contains("pooled test") && out.contains("combined"), "{out}");
+    Ok(())
+}
