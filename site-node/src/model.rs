@@ -150,14 +150,71 @@ impl BimodalNet {
         tch::no_grad(|| -> Result<()> {
             for name in &trunk_names {
                 let values = state.tensor(name).expect("checked above");
+                let spec = state.specs().iter().find(|s| &s.name == name).expect("checked above");
                 let mut var = vars[&format!("{prefix}{name}")].shallow_clone();
-                if var.numel() != values.len() {
-                    bail!("{}: tensor {name} has {} values, the trunk expects {:?}", path.display(), values.len(), var.size());
+                let shape: Vec<i64> = spec.shape.iter().map(|&d| d as i64).collect();
+                if var.size() != shape {
+                    bail!("{}: tensor {name} has shape {shape:?}, the trunk expects {:?}", path.display(), var.size());
                 }
                 var.copy_(&Tensor::from_slice(values).view(var.size().as_slice()).to_device(device));
             }
             Ok(())
         })?;
         Ok(trunk_names.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn dims() -> HeadDims {
+        HeadDims { hidden: 8, feature: 4, classes: 2 }
+    }
+
+    #[test]
+    fn export_import_round_trip_is_exact() {
+        tch::manual_seed(1);
+        let a = BimodalNet::new(Device::Cpu, dims());
+        let state = a.export().unwrap();
+        assert!(state.tensor("trunk.layer4.2.bn3.running_var").is_some(), "BN statistics are part of the state");
+        assert!(state.tensor("head.fc2.weight").is_some());
+        tch::manual_seed(2);
+        let b = BimodalNet::from_state(Device::Cpu, &state).unwrap();
+        assert_eq!(b.dims, dims());
+        assert_eq!(b.export().unwrap().weights_hash(), state.weights_hash());
+    }
+
+    #[test]
+    fn torchvision_named_weights_load_exactly_into_the_trunk() {
+        let dir = tempfile::tempdir().unwrap();
+        tch::manual_seed(3);
+        let donor = BimodalNet::new(Device::Cpu, dims()).export().unwrap();
+        // A torchvision-style file: no prefix, plus fc.* and num_batches_tracked to ignore.
+        let mut named: Vec<(String, Vec<usize>, Vec<f32>)> = donor
+            .tensors()
+            .filter_map(|(s, v)| s.name.strip_prefix("trunk.").map(|n| (n.to_string(), s.shape.clone(), v.iter().map(|x| x * 0.5 + 0.25).collect())))
+            .collect();
+        named.push(("fc.weight".into(), vec![1000, 2048], vec![0.0; 2048 * 1000]));
+        named.push(("bn1.num_batches_tracked".into(), vec![1], vec![7.0]));
+        let file = ModelState::from_named(named.clone()).unwrap();
+        let path = dir.path().join("resnet50.safetensors");
+        file.save(&path, &HashMap::new()).unwrap();
+
+        let mut net = BimodalNet::new(Device::Cpu, dims());
+        let head_before = net.export().unwrap().tensor("head.fc1.weight").unwrap().to_vec();
+        assert_eq!(net.load_torchvision_trunk(&path).unwrap(), named.len() - 2);
+        let after = net.export().unwrap();
+        for (name, _, values) in &named[..named.len() - 2] {
+            assert_eq!(after.tensor(&format!("trunk.{name}")).unwrap(), values.as_slice(), "{name}");
+        }
+        assert_eq!(after.tensor("head.fc1.weight").unwrap(), head_before.as_slice());
+
+        // A file missing a tensor is refused, naming it.
+        let partial = ModelState::from_named(named.into_iter().filter(|(n, _, _)| n != "layer2.0.conv1.weight").collect()).unwrap();
+        partial.save(&path, &HashMap::new()).unwrap();
+        let e = net.load_torchvision_trunk(&path).unwrap_err().to_string();
+        assert!(e.contains("layer2.0.conv1.weight"), "{e}");
     }
 }

@@ -8,7 +8,7 @@
 //! Signal design (so that, as in the paper, clinical-only < images-only < combined):
 //! a patient's nodal burden `b` (0, 1, 1.6 for N0, N+(1-2), N+(≥3)) shifts the clinical
 //! variables moderately (size, BI-RADS, axillary US, markers) and, through an independent
-//! image phenotype `u = 1.4·b + ε`, the images strongly: margin irregularity of the
+//! image phenotype `u = 1.2·b + ε`, the images strongly: margin irregularity of the
 //! hypo-echoic lesion on B-mode and lesion stiffness on the SWE map. The noise in the two
 //! channels is independent, so fusing them helps.
 
@@ -139,7 +139,7 @@ fn write_site(dir: &Path, name: &str, stages: &[NStage], prof: SiteProfile, opts
         let b = burden(stage);
         let mut z = || std_normal.sample(rng);
         let clinical = draw_clinical(b, z(), z(), z(), rng, prof.missing);
-        let u = 1.4 * b + std_normal.sample(rng);
+        let u = 1.2 * b + std_normal.sample(rng);
         let id = format!("{name}-{i:04}");
         let lesion = Lesion::draw(clinical.us_size_mm.unwrap_or(18.9), u, opts.image_px, rng);
         let us = render_bmode(&lesion, prof, opts.image_px, rng);
@@ -169,9 +169,9 @@ fn logistic(x: f32) -> f64 {
 
 fn draw_clinical(b: f32, z_age: f32, z_size: f32, z_birads: f32, rng: &mut StdRng, missing: f64) -> Clinical {
     let age = (51.0 - 1.5 * b + 10.3 * z_age).clamp(25.0, 90.0);
-    let size = (17.3 + 3.2 * b + 6.0 * z_size).clamp(5.0, 50.0);
+    let size = (17.6 + 2.6 * b + 6.2 * z_size).clamp(5.0, 50.0);
     // BI-RADS from a latent score; thresholds give ≈ 31/164/267/122 of 584 overall.
-    let l = 0.55 * b + z_birads;
+    let l = 0.5 * b + z_birads;
     let birads = if l < -1.55 { BiRads::B4A } else if l < -0.35 { BiRads::B4B } else if l < 0.95 { BiRads::B4C } else { BiRads::B5 };
     let er = rng.random_bool(logistic(1.45 - 0.1 * b));
     let pr = rng.random_bool(logistic(0.95 - 0.1 * b));

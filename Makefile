@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each installs what is
+# missing first (torch 2.13.0 into a cached venv, then the Rust build). Caches live outside
+# the work tree under ~/.cache/alnfl so CI can keep them between runs.
+
+CACHE ?= $(HOME)/.cache/alnfl
+VENV := $(CACHE)/venv
+export CARGO_TARGET_DIR ?= $(CACHE)/target
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(VENV)/bin:$(PATH)
+TORCH_LIB = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/torch/lib))
+RUN_ENV = LD_LIBRARY_PATH="$(TORCH_LIB):$$LD_LIBRARY_PATH"
+BIN := $(CARGO_TARGET_DIR)/debug
+
+.PHONY: setup build test demo bench clean-demo
+
+setup:
+	@ALNFL_CACHE=$(CACHE) bash deploy/setup.sh
+
+build: setup
+	cargo build --workspace
+
+test: build
+	$(RUN_ENV) cargo test --workspace
+
+demo: build
+	$(RUN_ENV) BIN=$(BIN) bash deploy/demo.sh
+
+bench: build
+	@echo "benchmarks arrive with the benchmarks issue"
+
+clean-demo:
+	rm -rf out/demo
