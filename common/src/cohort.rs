@@ -411,15 +411,14 @@ impl FeatureRow {
             Ok(pb::NStage::N3Plus) => NStage::N3Plus,
             _ => return Err(bad(format!("unknown N stage {}", r.n_stage))),
         };
-        if let Some(dim) = expected_dim {
-            if r.deep.len() != dim {
+        if let Some(dim) = expected_dim
+            && r.deep.len() != dim {
                 return Err(bad(format!("deep feature has {} values, expected {dim}", r.deep.len())));
             }
-        }
         if r.deep.is_empty() || r.deep.iter().any(|v| !v.is_finite()) {
             return Err(bad("deep feature is empty or not finite".into()));
         }
-        let c = r.clinical.clone().unwrap_or_default();
+        let c = r.clinical.unwrap_or_default();
         let pick = |i: i32, what: &str, len: usize| -> Result<Option<usize>> {
             match i {
                 0 => Ok(None),

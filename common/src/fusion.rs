@@ -104,11 +104,10 @@ impl FusionSvmParams {
         if !(self.c.is_finite() && self.c > 0.0) {
             return Err(Error::Fusion(format!("C must be positive, got {}", self.c)));
         }
-        if let Some(g) = self.gamma {
-            if !(g.is_finite() && g > 0.0) {
+        if let Some(g) = self.gamma
+            && !(g.is_finite() && g > 0.0) {
                 return Err(Error::Fusion(format!("gamma must be positive, got {g}")));
             }
-        }
         Ok(self)
     }
 }

@@ -17,6 +17,10 @@ use crate::atomic_file;
 use crate::error::{Error, Result};
 use crate::ids::ModelHash;
 
+// The wire and file formats are little-endian f32; `as_bytes` reinterprets memory.
+#[cfg(not(target_endian = "little"))]
+compile_error!("aln-common assumes a little-endian target");
+
 /// Name and shape of one tensor (always f32 in this version of the contract).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TensorSpec {
@@ -130,7 +134,6 @@ impl ModelState {
 
     /// The payload bytes as sent on the wire and hashed (f32 little-endian, canonical order).
     pub fn as_bytes(&self) -> &[u8] {
-        debug_assert!(cfg!(target_endian = "little"));
         bytemuck::cast_slice(&self.data)
     }
 

@@ -186,7 +186,10 @@ mod tests {
     use super::*;
 
     /// pROC's aSAH data (shared/data/asah.csv), or None when the file is not beside the repo.
-    fn asah() -> Option<(Vec<bool>, Vec<f64>, Vec<f64>, Vec<f64>)> {
+    /// (poor outcome, s100b, wfns, ndka) per patient.
+    type Asah = (Vec<bool>, Vec<f64>, Vec<f64>, Vec<f64>);
+
+    fn asah() -> Option<Asah> {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/asah.csv");
         let mut rdr = csv::Reader::from_path(path).ok()?;
         let (mut y, mut s100b, mut wfns, mut ndka) = (vec![], vec![], vec![], vec![]);

@@ -331,7 +331,7 @@ impl Reassembler {
                 self.limits.max_chunk_bytes
             )));
         }
-        if t.data.is_empty() || t.data.len() % 4 != 0 {
+        if t.data.is_empty() || !t.data.len().is_multiple_of(4) {
             return Err(malformed(format!(
                 "chunk of {} bytes is not a whole number of f32 values",
                 t.data.len()

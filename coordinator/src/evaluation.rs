@@ -136,3 +136,55 @@ pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmP
         test_patients,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aln_common::cohort::{Clinical, NStage};
+    use aln_common::ids::SiteId;
+
+    fn cohort() -> Vec<FeatureRow> {
+        // Deterministic rows: signal in deep[0] and in tumour size.
+        (0..240)
+            .map(|i| {
+                let stage = NStage::ALL[i % 3];
+                let b = stage.index() as f32;
+                let noise = ((i * 7919) % 97) as f32 / 97.0 - 0.5;
+                FeatureRow {
+                    site: SiteId::new(["site-a", "site-b"][i % 2]).unwrap(),
+                    patient_id: format!("p{i}"),
+                    split: match i % 5 {
+                        0 => Split::Test,
+                        1 => Split::Validation,
+                        _ => Split::Train,
+                    },
+                    n_stage: stage,
+                    clinical: Clinical { us_size_mm: Some(15.0 + 3.0 * b + 8.0 * noise), axillary_us_positive: Some(i % 4 == 0), ..Default::default() },
+                    deep: vec![b + 2.0 * noise, noise, ((i * 31) % 11) as f32],
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn test_rows_never_influence_fitting() {
+        let rows = cohort();
+        let base = evaluate_task(&rows, ClinicalTask::N0VsNPlus, FusionSvmParams::default()).unwrap();
+        // Scramble everything about the test patients: labels, features, clinical values.
+        let mut scrambled = rows.clone();
+        for r in scrambled.iter_mut().filter(|r| r.split == Split::Test) {
+            r.n_stage = if r.n_stage == NStage::N0 { NStage::N3Plus } else { NStage::N0 };
+            r.deep.iter_mut().for_each(|v| *v = -100.0 * *v + 3.0);
+            r.clinical.us_size_mm = Some(99.0);
+        }
+        let other = evaluate_task(&scrambled, ClinicalTask::N0VsNPlus, FusionSvmParams::default()).unwrap();
+        for (a, b) in base.methods.iter().zip(&other.methods) {
+            assert_eq!(a.train_auc, b.train_auc, "{}: training fit changed with test rows", a.method);
+            assert_eq!(a.validation.map(|v| v.auc), b.validation.map(|v| v.auc), "{}", a.method);
+        }
+        assert_eq!(base.n_test, 48);
+        assert!(base.method("combined").unwrap().pooled_test.unwrap().auc > 0.8);
+        assert_eq!(base.test_patients.len(), base.n_test);
+        assert!(base.test_patients.iter().all(|p| rows.iter().any(|r| r.patient_id == p.patient_id && r.split == Split::Test)));
+    }
+}

@@ -1,5 +1,8 @@
 //! `coordinator`: provision a consortium, then run a federated training and evaluation.
 
+// Binaries print results for people; libraries only log (see the workspace lints).
+#![allow(clippy::print_stdout)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,7 +119,7 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
                 ctl.advance();
                 n += 1;
                 let now = ctl.describe();
-                if now != last || n % 40 == 0 {
+                if now != last || n.is_multiple_of(40) {
                     info!(progress = %now);
                     last = now;
                 }
