@@ -1,4 +1,4 @@
-//! Statistics of the cross-center evaluation: ROC curves, AUC and DeLong inference.
+//! ROC curves, AUC, DeLong inference, and the Hanley & McNeil (1982) standard error.
 //!
 //! Conventions follow pROC (Robin et al. 2011), so results can be checked against R:
 //! a case is called positive when `score >= threshold`; ties between a positive and a
@@ -10,10 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::{Z_95, two_sided_p};
 use crate::error::{Error, Result};
-
-/// z for a two-sided 95% interval.
-pub const Z_95: f64 = 1.959_963_984_540_054;
 
 /// Points of an empirical ROC curve, from (0,0) to (1,1).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,17 +42,7 @@ pub struct DeLongTest {
     pub p: f64,
 }
 
-/// Standard normal cumulative distribution function.
-pub fn normal_cdf(z: f64) -> f64 {
-    0.5 * libm::erfc(-z / std::f64::consts::SQRT_2)
-}
-
-/// Two-sided p-value of a standard normal statistic.
-pub fn two_sided_p(z: f64) -> f64 {
-    libm::erfc(z.abs() / std::f64::consts::SQRT_2).min(1.0)
-}
-
-fn split_by_label(scores: &[f64], labels: &[bool]) -> Result<(Vec<f64>, Vec<f64>)> {
+pub(crate) fn split_by_label(scores: &[f64], labels: &[bool]) -> Result<(Vec<f64>, Vec<f64>)> {
     if scores.len() != labels.len() {
         return Err(Error::Stats(format!("{} scores but {} labels", scores.len(), labels.len())));
     }
@@ -159,6 +147,31 @@ pub fn delong_paired(a: &[f64], b: &[f64], labels: &[bool]) -> Result<DeLongTest
     Ok(DeLongTest { auc_a, auc_b, z, p: two_sided_p(z) })
 }
 
+/// Hanley & McNeil (1982, Radiology 143:29-36) standard error of an AUC from the class
+/// sizes alone: `Q1 = A/(2-A)`, `Q2 = 2A²/(1+A)`,
+/// `SE² = [A(1-A) + (n₊-1)(Q1-A²) + (n₋-1)(Q2-A²)] / (n₊ n₋)`.
+pub fn hanley_mcneil_se(auc: f64, n_positive: usize, n_negative: usize) -> f64 {
+    let (a, np, nn) = (auc, n_positive as f64, n_negative as f64);
+    let q1 = a / (2.0 - a);
+    let q2 = 2.0 * a * a / (1.0 + a);
+    ((a * (1.0 - a) + (np - 1.0) * (q1 - a * a) + (nn - 1.0) * (q2 - a * a)) / (np * nn)).max(0.0).sqrt()
+}
+
+/// AUC with the Hanley & McNeil standard error and 95% CI.
+pub fn auc_hanley_mcneil(scores: &[f64], labels: &[bool]) -> Result<AucEstimate> {
+    let (pos, neg) = split_by_label(scores, labels)?;
+    let a = mean(&structural_components(&pos, &neg).0);
+    let se = hanley_mcneil_se(a, pos.len(), neg.len());
+    Ok(AucEstimate {
+        auc: a,
+        se,
+        ci_low: (a - Z_95 * se).max(0.0),
+        ci_high: (a + Z_95 * se).min(1.0),
+        n_positive: pos.len(),
+        n_negative: neg.len(),
+    })
+}
+
 /// Empirical ROC curve at every distinct score.
 pub fn roc_curve(scores: &[f64], labels: &[bool]) -> Result<RocCurve> {
     let (pos, neg) = split_by_label(scores, labels)?;
@@ -249,6 +262,19 @@ mod tests {
         let trap: f64 = (1..roc.fpr.len()).map(|i| (roc.fpr[i] - roc.fpr[i - 1]) * (roc.tpr[i] + roc.tpr[i - 1]) / 2.0).sum();
         assert!((trap - a).abs() < 1e-12);
         assert!(auc(&s, &[true; 7]).is_err());
-        assert!((normal_cdf(1.959_963_984_540_054) - 0.975).abs() < 1e-12);
+        assert!((super::super::normal_cdf(1.959_963_984_540_054) - 0.975).abs() < 1e-12);
+    }
+
+    #[test]
+    fn hanley_mcneil_se_by_hand() {
+        // A = 0.8, 50 + 50: Q1 = 2/3, Q2 = 0.64·2/1.8; SE² = (0.16 + 49(Q1-0.64) + 49(Q2-0.64)) / 2500.
+        let q1: f64 = 0.8 / 1.2;
+        let q2: f64 = 1.28 / 1.8;
+        let expected = ((0.16 + 49.0 * (q1 - 0.64) + 49.0 * (q2 - 0.64)) / 2500.0).sqrt();
+        assert!((hanley_mcneil_se(0.8, 50, 50) - expected).abs() < 1e-12);
+        assert!((expected - 0.0445).abs() < 1e-4);
+        // Larger samples, smaller SE; a perfect AUC has SE 0.
+        assert!(hanley_mcneil_se(0.8, 200, 200) < hanley_mcneil_se(0.8, 50, 50));
+        assert_eq!(hanley_mcneil_se(1.0, 30, 30), 0.0);
     }
 }
