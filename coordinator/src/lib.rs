@@ -9,6 +9,7 @@
 //! | [`report`] | `report.json`, `features.csv`, the results table |
 //! | [`provision`] | CA, certificates and startup kits |
 //! | [`status`] | errors and their single mapping to gRPC codes |
+//! | [`stats_cli`] | `coordinator stats roc/diag/kappa` on any CSV |
 
 pub mod evaluation;
 pub mod provision;
@@ -16,4 +17,5 @@ pub mod report;
 pub mod rounds;
 pub mod server;
 pub mod state;
+pub mod stats_cli;
 pub mod status;

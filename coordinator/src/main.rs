@@ -49,6 +49,11 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Statistics on any CSV of scores (prints JSON): ROC/DeLong, diagnostic metrics, kappa.
+    Stats {
+        #[command(subcommand)]
+        what: StatsCommand,
+    },
     /// Run (or resume) the federation described by a config file.
     Run {
         #[arg(long)]
@@ -59,6 +64,45 @@ enum Command {
         /// Write the bound address to this file once listening (for scripts and tests).
         #[arg(long)]
         addr_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StatsCommand {
+    /// AUC with DeLong 95% CI and SE per score; paired DeLong z and p per pair of scores.
+    Roc {
+        #[arg(long)]
+        csv: PathBuf,
+        /// Column holding the reference label.
+        #[arg(long)]
+        label: String,
+        /// Label value of the positive class (higher scores = more likely positive).
+        #[arg(long)]
+        positive: String,
+        /// Score column (repeatable).
+        #[arg(long = "score", required = true)]
+        scores: Vec<String>,
+    },
+    /// Accuracy, sensitivity, specificity, PPV, NPV with Clopper-Pearson 95% CIs.
+    Diag {
+        #[arg(long)]
+        csv: PathBuf,
+        #[arg(long)]
+        label: String,
+        #[arg(long)]
+        positive: String,
+        /// Column of predicted labels, coded like `--label`.
+        #[arg(long)]
+        pred: String,
+    },
+    /// Cohen's kappa of two rating columns, with SE and p (H0: kappa = 0).
+    Kappa {
+        #[arg(long)]
+        csv: PathBuf,
+        #[arg(long)]
+        a: String,
+        #[arg(long)]
+        b: String,
     },
 }
 
@@ -87,6 +131,15 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Run { config, listen, addr_file } => run(config, listen, addr_file).await,
+        Command::Stats { what } => {
+            let value = match what {
+                StatsCommand::Roc { csv, label, positive, scores } => coordinator::stats_cli::roc(&csv, &label, &positive, &scores)?,
+                StatsCommand::Diag { csv, label, positive, pred } => coordinator::stats_cli::diag(&csv, &label, &positive, &pred)?,
+                StatsCommand::Kappa { csv, a, b } => coordinator::stats_cli::kappa(&csv, &a, &b)?,
+            };
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
     }
 }
 
