@@ -123,11 +123,16 @@ pub struct FusionSvm {
 impl FusionSvm {
     /// Fits on `train` rows (patients outside the task are skipped).
     pub fn fit(params: FusionSvmParams, task: ClinicalTask, features: FeatureSet, train: &[&FeatureRow]) -> Result<Self> {
+        let (rows, labels): (Vec<&FeatureRow>, Vec<bool>) =
+            train.iter().filter_map(|r| task.label(r.n_stage).map(|y| (*r, y))).unzip();
+        Self::fit_labeled(params, task, features, &rows, &labels)
+    }
+
+    /// Fits on `train` rows with explicit binary labels (one-vs-rest, cross-validation folds).
+    pub fn fit_labeled(params: FusionSvmParams, task: ClinicalTask, features: FeatureSet, train: &[&FeatureRow], labels: &[bool]) -> Result<Self> {
         let params = params.validate()?;
-        let (raw, labels): (Vec<Vec<f64>>, Vec<bool>) = train
-            .iter()
-            .filter_map(|r| task.label(r.n_stage).map(|y| (features.raw_row(r), y)))
-            .unzip();
+        let raw: Vec<Vec<f64>> = train.iter().map(|r| features.raw_row(r)).collect();
+        let labels = labels.to_vec();
         let n_pos = labels.iter().filter(|&&y| y).count();
         let n_neg = labels.len() - n_pos;
         if n_pos < 2 || n_neg < 2 {
@@ -223,6 +228,25 @@ mod tests {
     }
 
     #[test]
+    fn cross_validation_uses_only_given_rows_and_picks_from_the_grid() {
+        let train = rows(150, 4);
+        let tr: Vec<&FeatureRow> = train.iter().collect();
+        let y: Vec<bool> = train.iter().map(|r| r.n_stage != NStage::N0).collect();
+        let folds = stratified_folds(&y, 5, 1);
+        for f in 0..5 {
+            let pos = (0..y.len()).filter(|&i| folds[i] == f && y[i]).count();
+            let all_pos = y.iter().filter(|&&v| v).count();
+            assert!(pos.abs_diff(all_pos / 5) <= 1, "fold {f} is not stratified");
+        }
+        let grid = CvGrid::default();
+        let (best, points) = select_by_cv(FusionSvmParams::default(), &grid, ClinicalTask::N0VsNPlus, FeatureSet::Combined, &tr, &y).unwrap();
+        assert_eq!(points.len(), 9);
+        let top = points.iter().map(|p| p.mean_auc).fold(f64::MIN, f64::max);
+        assert!(points.iter().any(|p| p.c == best.c && Some(p.gamma) == best.gamma && p.mean_auc == top));
+        assert!(top > 0.8, "{points:?}");
+    }
+
+    #[test]
     fn bad_params_and_one_class_are_refused() {
         assert!(FusionSvmParams { c: -1.0, ..Default::default() }.validate().is_err());
         let train: Vec<FeatureRow> = rows(30, 3).into_iter().filter(|r| r.n_stage == NStage::N0).collect();
@@ -230,4 +254,88 @@ mod tests {
         let e = FusionSvm::fit(FusionSvmParams::default(), ClinicalTask::N0VsNPlus, FeatureSet::ImagesOnly, &tr).err().unwrap();
         assert!(e.to_string().contains("at least 2"), "{e}");
     }
+}
+
+/// One point of the hyper-parameter search.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CvPoint {
+    pub c: f64,
+    pub gamma: f64,
+    /// Mean AUC over the validation folds.
+    pub mean_auc: f64,
+}
+
+/// Grid for [`select_by_cv`]: C values and γ as multiples of 1/d (d = number of features).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CvGrid {
+    pub c: Vec<f64>,
+    pub gamma_scale: Vec<f64>,
+    pub folds: usize,
+    pub seed: u64,
+}
+
+impl Default for CvGrid {
+    fn default() -> Self {
+        Self { c: vec![0.1, 1.0, 10.0], gamma_scale: vec![0.25, 1.0, 4.0], folds: 5, seed: 2020 }
+    }
+}
+
+/// Stratified k-fold assignment (deterministic for a seed).
+pub fn stratified_folds(labels: &[bool], k: usize, seed: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut fold = vec![0; labels.len()];
+    for class in [false, true] {
+        let mut idx: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
+        idx.shuffle(&mut rng);
+        for (j, i) in idx.into_iter().enumerate() {
+            fold[i] = j % k;
+        }
+    }
+    fold
+}
+
+/// Chooses (C, γ) by stratified k-fold cross-validation on the given **training** rows only,
+/// maximising mean fold AUC; returns the chosen parameters and the whole grid.
+pub fn select_by_cv(
+    base: FusionSvmParams,
+    grid: &CvGrid,
+    task: ClinicalTask,
+    features: FeatureSet,
+    train: &[&FeatureRow],
+    labels: &[bool],
+) -> Result<(FusionSvmParams, Vec<CvPoint>)> {
+    let d = train.first().map(|r| features.raw_row(r).len()).ok_or_else(|| Error::Fusion("no training rows".into()))? as f64;
+    let k = grid.folds.max(2);
+    let fold = stratified_folds(labels, k, grid.seed);
+    let mut points = Vec::new();
+    let mut best: Option<(f64, FusionSvmParams)> = None;
+    for &c in &grid.c {
+        for &gs in &grid.gamma_scale {
+            let params = FusionSvmParams { c, gamma: Some(gs / d), ..base };
+            let mut aucs = Vec::with_capacity(k);
+            for f in 0..k {
+                let split = |keep: bool| -> (Vec<&FeatureRow>, Vec<bool>) {
+                    (0..train.len()).filter(|&i| (fold[i] == f) != keep).map(|i| (train[i], labels[i])).unzip()
+                };
+                let (tr, ytr) = split(true);
+                let (va, yva) = split(false);
+                let svm = FusionSvm::fit_labeled(params, task, features, &tr, &ytr)?;
+                if let Ok(a) = crate::stats::auc(&svm.decision(&va), &yva) {
+                    aucs.push(a);
+                }
+            }
+            if aucs.is_empty() {
+                continue;
+            }
+            let mean_auc = aucs.iter().sum::<f64>() / aucs.len() as f64;
+            points.push(CvPoint { c, gamma: gs / d, mean_auc });
+            if best.is_none_or(|(b, _)| mean_auc > b + 1e-12) {
+                best = Some((mean_auc, params));
+            }
+        }
+    }
+    let (_, params) = best.ok_or_else(|| Error::Fusion("cross-validation produced no usable fold".into()))?;
+    Ok((params, points))
 }

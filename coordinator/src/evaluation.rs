@@ -1,26 +1,50 @@
-//! Cross-center evaluation of the fused model on pooled feature rows.
+//! Cross-center evaluation of the fused model on pooled feature rows: the paper's three
+//! tasks and its controls, pooled and per site.
 //!
-//! The SVMs are fitted on the pooled **training** rows only (scaling and imputation too);
-//! validation and test rows are only ever scored. Test AUCs are reported pooled and for
-//! each site's own test patients, with DeLong 95% CIs and paired DeLong tests of the
-//! combined model against the other methods.
+//! Everything learned — SVM hyper-parameters (cross-validation), imputation, scaling, SVM
+//! weights and the Youden-optimal threshold — comes from the pooled **training** rows only;
+//! validation and test rows are only ever scored with it. Test AUCs carry DeLong 95% CIs,
+//! the combined model is compared with every other method by the paired DeLong test, and
+//! accuracy, sensitivity, specificity, PPV and NPV carry exact Clopper-Pearson CIs.
 
 use std::collections::BTreeMap;
 
-use aln_common::cohort::{ClinicalTask, FeatureRow, Split};
-use aln_common::fusion::{FeatureSet, FusionSvm, FusionSvmParams};
-use aln_common::stats::{self, AucEstimate, DeLongTest};
+use aln_common::cohort::{ClinicalTask, FeatureRow, NStage, Split};
+use aln_common::fusion::{CvGrid, CvPoint, FeatureSet, FusionSvm, FusionSvmParams, select_by_cv};
+use aln_common::stats::diagnostic::{self, DiagnosticMetrics, Proportion, clopper_pearson};
+use aln_common::stats::{self, AucEstimate, DeLongTest, RocCurve};
 use serde::Serialize;
+
+/// AUC and threshold metrics of one method on one group of patients.
+#[derive(Debug, Clone, Serialize)]
+pub struct CohortMetrics {
+    pub n: usize,
+    pub auc: Option<AucEstimate>,
+    pub at_threshold: Option<DiagnosticMetrics>,
+}
 
 /// One method's results on one task.
 #[derive(Debug, Clone, Serialize)]
 pub struct MethodResult {
     pub method: String,
-    pub train_auc: Option<f64>,
-    pub validation: Option<AucEstimate>,
-    pub pooled_test: Option<AucEstimate>,
-    /// Each site's own test patients, scored by the pooled model (`None`: one class only).
-    pub per_site_test: BTreeMap<String, Option<AucEstimate>>,
+    /// SVM hyper-parameters chosen by cross-validation (None for non-SVM controls).
+    pub params: Option<FusionSvmParams>,
+    pub cv_grid: Vec<CvPoint>,
+    /// Youden-optimal threshold on the training rows, applied unchanged elsewhere.
+    pub threshold: f64,
+    pub train: CohortMetrics,
+    pub validation: CohortMetrics,
+    pub test: CohortMetrics,
+    /// Each site's own test patients, scored by the pooled model.
+    pub per_site_test: BTreeMap<String, CohortMetrics>,
+    pub roc_test: Option<RocCurve>,
+}
+
+impl MethodResult {
+    /// Pooled test AUC estimate, if defined.
+    pub fn pooled_test(&self) -> Option<&AucEstimate> {
+        self.test.auc.as_ref()
+    }
 }
 
 /// A scored test patient (the report lists exactly the test rows it evaluated).
@@ -51,6 +75,19 @@ impl TaskEvaluation {
     }
 }
 
+/// Task 3: N0 / N+(1-2) / N+(≥3) with one-vs-rest SVMs on the combined features.
+#[derive(Debug, Clone, Serialize)]
+pub struct MultiClassEvaluation {
+    pub classes: Vec<String>,
+    pub n_train: usize,
+    pub n_test: usize,
+    pub accuracy: Proportion,
+    pub per_class_recall: BTreeMap<String, Option<Proportion>>,
+    /// `confusion[true][predicted]` on pooled test patients.
+    pub confusion: Vec<Vec<usize>>,
+    pub per_site_accuracy: BTreeMap<String, Proportion>,
+}
+
 /// Name of the "axillary US finding alone" control.
 pub const AXILLARY_US: &str = "axillary_us";
 
@@ -62,25 +99,33 @@ fn axillary_score(r: &FeatureRow) -> f64 {
     }
 }
 
-fn auc_opt(scores: &[f64], labels: &[bool]) -> Option<AucEstimate> {
-    stats::auc_delong(scores, labels).ok()
+fn cohort_metrics(scores: &[f64], labels: &[bool], threshold: f64) -> CohortMetrics {
+    CohortMetrics {
+        n: scores.len(),
+        auc: stats::auc_delong(scores, labels).ok(),
+        at_threshold: diagnostic::diagnostic_at(scores, labels, threshold).ok(),
+    }
 }
 
-/// Fits and scores every method for `task`.
-pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmParams) -> aln_common::Result<TaskEvaluation> {
-    let in_task: Vec<&FeatureRow> = rows.iter().filter(|r| task.label(r.n_stage).is_some()).collect();
-    let by_split = |s: Split| -> Vec<&FeatureRow> { in_task.iter().copied().filter(|r| r.split == s).collect() };
-    let (train, val, test) = (by_split(Split::Train), by_split(Split::Validation), by_split(Split::Test));
-    let labels = |rs: &[&FeatureRow]| -> Vec<bool> { rs.iter().map(|r| task.label(r.n_stage).unwrap_or(false)).collect() };
-    let (y_train, y_val, y_test) = (labels(&train), labels(&val), labels(&test));
+/// Rows of one split that belong to `task`, with their labels.
+fn task_rows(rows: &[FeatureRow], task: ClinicalTask, split: Split) -> (Vec<&FeatureRow>, Vec<bool>) {
+    rows.iter().filter(|r| r.split == split).filter_map(|r| task.label(r.n_stage).map(|y| (r, y))).unzip()
+}
+
+/// Fits and scores every method for a binary `task`.
+pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmParams, grid: &CvGrid) -> aln_common::Result<TaskEvaluation> {
+    let (train, y_train) = task_rows(rows, task, Split::Train);
+    let (val, y_val) = task_rows(rows, task, Split::Validation);
+    let (test, y_test) = task_rows(rows, task, Split::Test);
     let mut sites: Vec<String> = test.iter().map(|r| r.site.to_string()).collect();
     sites.sort();
     sites.dedup();
 
     let mut test_scores: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut methods = Vec::new();
-    let mut push = |name: &str, s_train: Vec<f64>, s_val: Vec<f64>, s_test: Vec<f64>| {
-        let per_site = sites
+    let mut add = |name: &str, chosen: Option<FusionSvmParams>, cv_grid: Vec<CvPoint>, s_train: Vec<f64>, s_val: Vec<f64>, s_test: Vec<f64>| -> aln_common::Result<()> {
+        let threshold = diagnostic::youden_threshold(&s_train, &y_train)?;
+        let per_site_test = sites
             .iter()
             .map(|site| {
                 let (s, y): (Vec<f64>, Vec<bool>) = test
@@ -90,24 +135,30 @@ pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmP
                     .filter(|((r, _), _)| r.site.as_str() == site)
                     .map(|((_, s), y)| (*s, *y))
                     .unzip();
-                (site.clone(), auc_opt(&s, &y))
+                (site.clone(), cohort_metrics(&s, &y, threshold))
             })
             .collect();
         methods.push(MethodResult {
             method: name.to_string(),
-            train_auc: stats::auc(&s_train, &y_train).ok(),
-            validation: auc_opt(&s_val, &y_val),
-            pooled_test: auc_opt(&s_test, &y_test),
-            per_site_test: per_site,
+            params: chosen,
+            cv_grid,
+            threshold,
+            train: cohort_metrics(&s_train, &y_train, threshold),
+            validation: cohort_metrics(&s_val, &y_val, threshold),
+            test: cohort_metrics(&s_test, &y_test, threshold),
+            per_site_test,
+            roc_test: stats::roc_curve(&s_test, &y_test).ok(),
         });
         test_scores.insert(name.to_string(), s_test);
+        Ok(())
     };
 
     let ax = |rs: &[&FeatureRow]| rs.iter().map(|r| axillary_score(r)).collect::<Vec<_>>();
-    push(AXILLARY_US, ax(&train), ax(&val), ax(&test));
+    add(AXILLARY_US, None, vec![], ax(&train), ax(&val), ax(&test))?;
     for set in FeatureSet::ALL {
-        let svm = FusionSvm::fit(params, task, set, &train)?;
-        push(set.name(), svm.decision(&train), svm.decision(&val), svm.decision(&test));
+        let (chosen, cv_grid) = select_by_cv(params, grid, task, set, &train, &y_train)?;
+        let svm = FusionSvm::fit_labeled(chosen, task, set, &train, &y_train)?;
+        add(set.name(), Some(chosen), cv_grid, svm.decision(&train), svm.decision(&val), svm.decision(&test))?;
     }
 
     let combined = &test_scores[FeatureSet::Combined.name()];
@@ -126,14 +177,54 @@ pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmP
             scores: test_scores.iter().map(|(k, v)| (k.clone(), v[i])).collect(),
         })
         .collect();
-    Ok(TaskEvaluation {
-        task,
+    Ok(TaskEvaluation { task, n_train: train.len(), n_validation: val.len(), n_test: test.len(), methods, delong_combined_vs, test_patients })
+}
+
+/// Task 3 with one-vs-rest SVMs (combined features, parameters from task 1's search),
+/// predicting the class of highest Platt probability.
+pub fn evaluate_three_class(rows: &[FeatureRow], params: FusionSvmParams) -> aln_common::Result<MultiClassEvaluation> {
+    let train: Vec<&FeatureRow> = rows.iter().filter(|r| r.split == Split::Train).collect();
+    let test: Vec<&FeatureRow> = rows.iter().filter(|r| r.split == Split::Test).collect();
+    let mut probs = vec![vec![0.0; NStage::ALL.len()]; test.len()];
+    for (c, class) in NStage::ALL.iter().enumerate() {
+        let y: Vec<bool> = train.iter().map(|r| r.n_stage == *class).collect();
+        let svm = FusionSvm::fit_labeled(params, ClinicalTask::N0VsNPlus, FeatureSet::Combined, &train, &y)?;
+        for (i, p) in svm.probability(&test).into_iter().enumerate() {
+            probs[i][c] = p;
+        }
+    }
+    let predicted: Vec<usize> = probs
+        .iter()
+        .map(|p| p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i))
+        .collect();
+    let k = NStage::ALL.len();
+    let mut confusion = vec![vec![0usize; k]; k];
+    for (r, &p) in test.iter().zip(&predicted) {
+        confusion[r.n_stage.index()][p] += 1;
+    }
+    let correct: usize = (0..k).map(|i| confusion[i][i]).sum();
+    let per_class_recall = NStage::ALL
+        .iter()
+        .map(|c| {
+            let row = &confusion[c.index()];
+            let n: usize = row.iter().sum();
+            (c.to_string(), if n == 0 { None } else { clopper_pearson(row[c.index()], n, 0.05).ok() })
+        })
+        .collect();
+    let mut per_site: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for (r, &p) in test.iter().zip(&predicted) {
+        let e = per_site.entry(r.site.to_string()).or_default();
+        e.0 += usize::from(r.n_stage.index() == p);
+        e.1 += 1;
+    }
+    Ok(MultiClassEvaluation {
+        classes: NStage::ALL.iter().map(|c| c.to_string()).collect(),
         n_train: train.len(),
-        n_validation: val.len(),
         n_test: test.len(),
-        methods,
-        delong_combined_vs,
-        test_patients,
+        accuracy: clopper_pearson(correct, test.len().max(1), 0.05)?,
+        per_class_recall,
+        confusion,
+        per_site_accuracy: per_site.into_iter().filter_map(|(s, (c, n))| clopper_pearson(c, n, 0.05).ok().map(|p| (s, p))).collect(),
     })
 }
 
@@ -169,7 +260,8 @@ mod tests {
     #[test]
     fn test_rows_never_influence_fitting() {
         let rows = cohort();
-        let base = evaluate_task(&rows, ClinicalTask::N0VsNPlus, FusionSvmParams::default()).unwrap();
+        let grid = CvGrid { c: vec![0.5, 2.0], gamma_scale: vec![1.0], folds: 3, seed: 1 };
+        let base = evaluate_task(&rows, ClinicalTask::N0VsNPlus, FusionSvmParams::default(), &grid).unwrap();
         // Scramble everything about the test patients: labels, features, clinical values.
         let mut scrambled = rows.clone();
         for r in scrambled.iter_mut().filter(|r| r.split == Split::Test) {
@@ -177,13 +269,19 @@ mod tests {
             r.deep.iter_mut().for_each(|v| *v = -100.0 * *v + 3.0);
             r.clinical.us_size_mm = Some(99.0);
         }
-        let other = evaluate_task(&scrambled, ClinicalTask::N0VsNPlus, FusionSvmParams::default()).unwrap();
+        let other = evaluate_task(&scrambled, ClinicalTask::N0VsNPlus, FusionSvmParams::default(), &grid).unwrap();
         for (a, b) in base.methods.iter().zip(&other.methods) {
-            assert_eq!(a.train_auc, b.train_auc, "{}: training fit changed with test rows", a.method);
-            assert_eq!(a.validation.map(|v| v.auc), b.validation.map(|v| v.auc), "{}", a.method);
+            let auc = |m: &CohortMetrics| m.auc.map(|e| e.auc);
+            assert_eq!(auc(&a.train), auc(&b.train), "{}: training fit changed with test rows", a.method);
+            assert_eq!(auc(&a.validation), auc(&b.validation), "{}", a.method);
+            assert_eq!(a.threshold, b.threshold, "{}: threshold changed with test rows", a.method);
+            assert_eq!(a.params, b.params, "{}: hyper-parameters changed with test rows", a.method);
         }
         assert_eq!(base.n_test, 48);
-        assert!(base.method("combined").unwrap().pooled_test.unwrap().auc > 0.8);
+        assert!(base.method("combined").unwrap().pooled_test().unwrap().auc > 0.8);
+        let t3 = evaluate_three_class(&rows, FusionSvmParams::default()).unwrap();
+        assert_eq!(t3.confusion.iter().flatten().sum::<usize>(), 48);
+        assert_eq!(t3.accuracy.den, 48);
         assert_eq!(base.test_patients.len(), base.n_test);
         assert!(base.test_patients.iter().all(|p| rows.iter().any(|r| r.patient_id == p.patient_id && r.split == Split::Test)));
     }

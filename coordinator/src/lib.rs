@@ -5,12 +5,14 @@
 //! | [`server`] | thin tonic service: certificate → `SiteId`, proto ↔ domain |
 //! | [`rounds`] | the round state machine ([`rounds::RoundController`]) |
 //! | [`state`] | the durable state directory (atomic checkpoints, resume) |
+//! | [`cohort_table`] | Table 2: training vs test balance tests |
 //! | [`evaluation`] | fusion SVMs on pooled features, pooled and per-site AUCs |
 //! | [`report`] | `report.json`, `features.csv`, the results table |
 //! | [`provision`] | CA, certificates and startup kits |
 //! | [`status`] | errors and their single mapping to gRPC codes |
 //! | [`stats_cli`] | `coordinator stats roc/diag/kappa` on any CSV |
 
+pub mod cohort_table;
 pub mod evaluation;
 pub mod provision;
 pub mod report;

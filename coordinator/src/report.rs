@@ -10,12 +10,13 @@ use aln_common::atomic_file;
 use aln_common::cohort::{ClinicalTask, FeatureRow};
 use aln_common::config::{CoordinatorConfig, TrainingPlan};
 use aln_common::constants::state_files;
-use aln_common::fusion::FusionSvmParams;
+use aln_common::fusion::{CvGrid, FeatureSet, FusionSvmParams};
 use aln_common::ids::ModelHash;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::evaluation::{self, TaskEvaluation};
+use crate::cohort_table::{self, BalanceRow};
+use crate::evaluation::{self, MultiClassEvaluation, TaskEvaluation};
 use crate::state::{RoundRecord, RunState, StateStore};
 
 /// Version of the report.json layout.
@@ -46,12 +47,23 @@ pub struct Report {
     pub config: ReportConfig,
     pub rounds: Vec<RoundRecord>,
     pub cohort: BTreeMap<String, SiteCohort>,
+    /// Table 2: training vs test cohort, pooled over sites.
+    pub table2: Vec<BalanceRow>,
+    /// N0 vs N+(≥1).
     pub task1: TaskEvaluation,
+    /// N+(1-2) vs N+(≥3), node-positive patients only.
+    pub task2: TaskEvaluation,
+    /// N0 / N+(1-2) / N+(≥3).
+    pub task3: MultiClassEvaluation,
 }
 
 /// Evaluates, writes `report.json` + `features.csv`, returns the printable summary.
 pub fn build_and_write(cfg: &CoordinatorConfig, store: &StateStore, run: &RunState, rows: &[FeatureRow]) -> Result<String> {
-    let task1 = evaluation::evaluate_task(rows, ClinicalTask::N0VsNPlus, cfg.fusion).context("task 1 (N0 vs N+)")?;
+    let grid = CvGrid::default();
+    let task1 = evaluation::evaluate_task(rows, ClinicalTask::N0VsNPlus, cfg.fusion, &grid).context("task 1 (N0 vs N+)")?;
+    let task2 = evaluation::evaluate_task(rows, ClinicalTask::LowVsHighBurden, cfg.fusion, &grid).context("task 2 (N+(1-2) vs N+(>=3))")?;
+    let combined_params = task1.method(FeatureSet::Combined.name()).and_then(|m| m.params).unwrap_or(cfg.fusion);
+    let task3 = evaluation::evaluate_three_class(rows, combined_params).context("task 3 (three classes)")?;
     let mut cohort: BTreeMap<String, SiteCohort> = BTreeMap::new();
     for r in rows {
         let c = cohort.entry(r.site.to_string()).or_insert_with(|| SiteCohort { by_split: BTreeMap::new(), by_class: BTreeMap::new() });
@@ -73,7 +85,10 @@ pub fn build_and_write(cfg: &CoordinatorConfig, store: &StateStore, run: &RunSta
         },
         rounds: run.history.clone(),
         cohort,
+        table2: cohort_table::table2(rows),
         task1,
+        task2,
+        task3,
     };
     atomic_file::write_json(&store.dir().join(state_files::REPORT_JSON), &report)?;
     write_features_csv(&store.dir().join(state_files::FEATURES_CSV), rows)?;
@@ -118,34 +133,64 @@ fn write_features_csv(path: &std::path::Path, rows: &[FeatureRow]) -> Result<()>
     Ok(())
 }
 
-fn fmt_auc(a: &Option<aln_common::stats::AucEstimate>) -> String {
+fn fmt_auc(a: Option<&aln_common::stats::AucEstimate>) -> String {
     match a {
         Some(a) => format!("{:.3} [{:.3}, {:.3}]", a.auc, a.ci_low, a.ci_high),
         None => "n/a".into(),
     }
 }
 
-/// The plain-text table printed at the end of a run.
-pub fn summary(r: &Report) -> String {
-    let t = &r.task1;
-    let mut s = String::new();
-    let _ = writeln!(s, "Task 1: N0 vs N+(>=1): test AUC [95% DeLong CI]; SVM fitted on {} pooled training patients", t.n_train);
-    let sites: Vec<&String> = r.cohort.keys().collect();
-    let _ = write!(s, "{:<14} {:<24}", "method", "pooled test");
-    for site in &sites {
-        let _ = write!(s, " {:<24}", format!("{site} test"));
+fn pct(p: Option<aln_common::stats::diagnostic::Proportion>) -> String {
+    p.map_or("  n/a".into(), |p| format!("{:5.1}", 100.0 * p.estimate))
+}
+
+fn task_table(s: &mut String, title: &str, t: &TaskEvaluation, sites: &[&String]) {
+    let _ = writeln!(s, "{title}: test AUC [95% DeLong CI]; SVMs fitted on {} pooled training patients, {} test", t.n_train, t.n_test);
+    let _ = write!(s, "{:<14} {:<22} {:>5} {:>5} {:>5}", "method", "pooled test", "ACC", "SENS", "SPEC");
+    for site in sites {
+        let _ = write!(s, "  {:<22}", format!("{site} test"));
     }
     let _ = writeln!(s);
     for m in &t.methods {
-        let _ = write!(s, "{:<14} {:<24}", m.method, fmt_auc(&m.pooled_test));
-        for site in &sites {
-            let _ = write!(s, " {:<24}", fmt_auc(m.per_site_test.get(*site).unwrap_or(&None)));
+        let d = m.test.at_threshold;
+        let _ = write!(
+            s,
+            "{:<14} {:<22} {} {} {}",
+            m.method,
+            fmt_auc(m.pooled_test()),
+            pct(d.map(|d| d.accuracy)),
+            pct(d.and_then(|d| d.sensitivity)),
+            pct(d.and_then(|d| d.specificity))
+        );
+        for site in sites {
+            let _ = write!(s, "  {:<22}", fmt_auc(m.per_site_test.get(*site).and_then(|c| c.auc.as_ref())));
         }
         let _ = writeln!(s);
     }
     for (k, d) in &t.delong_combined_vs {
-        let _ = writeln!(s, "DeLong combined vs {k}: z = {:.2}, p = {:.4}", d.z, d.p);
+        let _ = writeln!(s, "  DeLong combined vs {k}: z = {:.2}, p = {:.4}", d.z, d.p);
     }
-    let _ = writeln!(s, "test patients: {} ({} N0, {} N+)", t.n_test, t.test_patients.iter().filter(|p| !p.label).count(), t.test_patients.iter().filter(|p| p.label).count());
+}
+
+/// The plain-text table printed at the end of a run.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    let sites: Vec<&String> = r.cohort.keys().collect();
+    task_table(&mut s, "Task 1, N0 vs N+(>=1)", &r.task1, &sites);
+    let _ = writeln!(s);
+    task_table(&mut s, "Task 2, N+(1-2) vs N+(>=3)", &r.task2, &sites);
+    let t3 = &r.task3;
+    let _ = writeln!(
+        s,
+        "\nTask 3, N0 / N+(1-2) / N+(>=3): test accuracy {:.3} [{:.3}, {:.3}] on {} patients; confusion (rows true, columns predicted {}):",
+        t3.accuracy.estimate,
+        t3.accuracy.ci_low,
+        t3.accuracy.ci_high,
+        t3.n_test,
+        t3.classes.join(" / ")
+    );
+    for (c, row) in t3.classes.iter().zip(&t3.confusion) {
+        let _ = writeln!(s, "  {c:<5} {}", row.iter().map(|v| format!("{v:>4}")).collect::<String>());
+    }
     s
 }

@@ -105,11 +105,14 @@ fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
     assert_eq!(report["task1"]["n_test"].as_u64().unwrap() as usize, expected.len());
     for m in ["axillary_us", "clinical_only", "images_only", "combined"] {
         let method = report["task1"]["methods"].as_array().unwrap().iter().find(|x| x["method"] == m).expect(m);
-        let auc = method["pooled_test"]["auc"].as_f64().unwrap();
+        let auc = method["test"]["auc"]["auc"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&auc), "{m}: {auc}");
     }
+    assert!(report["task2"]["n_test"].as_u64().unwrap() > 0);
+    let confusion: u64 = report["task3"]["confusion"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(confusion as usize, expected.len());
     assert!(std::fs::read_to_string(coord.state_dir.join("features.csv"))?.lines().count() == 151);
     let out = std::fs::read_to_string(pki.join("coordinator/coordinator.out"))?;
-    assert!(out.contains("pooled test") && out.contains("combined"), "{out}");
+    assert!(out.contains("pooled test") && out.contains("combined") && out.contains("Task 3"), "{out}");
     Ok(())
 }
