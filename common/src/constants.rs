@@ -42,6 +42,7 @@ pub mod state_files {
     pub const ROUND_STATE: &str = "round_state.json";
     pub const MODELS_DIR: &str = "models";
     pub const REPORT_JSON: &str = "report.json";
+    pub const REPORT_HTML: &str = "report.html";
     pub const FEATURES_CSV: &str = "features.csv";
 }
 

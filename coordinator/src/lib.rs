@@ -7,6 +7,7 @@
 //! | [`state`] | the durable state directory (atomic checkpoints, resume) |
 //! | [`cohort_table`] | Table 2: training vs test balance tests |
 //! | [`evaluation`] | fusion SVMs on pooled features, pooled and per-site AUCs |
+//! | [`html`] | self-contained `report.html` with plotters ROC curves |
 //! | [`report`] | `report.json`, `features.csv`, the results table |
 //! | [`provision`] | CA, certificates and startup kits |
 //! | [`status`] | errors and their single mapping to gRPC codes |
@@ -14,6 +15,7 @@
 
 pub mod cohort_table;
 pub mod evaluation;
+pub mod html;
 pub mod provision;
 pub mod report;
 pub mod rounds;

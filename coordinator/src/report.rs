@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::cohort_table::{self, BalanceRow};
+use crate::html;
 use crate::evaluation::{self, MultiClassEvaluation, TaskEvaluation};
 use crate::state::{RoundRecord, RunState, StateStore};
 
@@ -91,6 +92,8 @@ pub fn build_and_write(cfg: &CoordinatorConfig, store: &StateStore, run: &RunSta
         task3,
     };
     atomic_file::write_json(&store.dir().join(state_files::REPORT_JSON), &report)?;
+    let gradcam = html::collect_gradcam(rows);
+    atomic_file::write(&store.dir().join(state_files::REPORT_HTML), html::render(&report, &gradcam).as_bytes())?;
     write_features_csv(&store.dir().join(state_files::FEATURES_CSV), rows)?;
     Ok(summary(&report))
 }
