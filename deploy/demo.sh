@@ -13,6 +13,9 @@ BATCH="${DEMO_BATCH:-8}"
 IMAGE="${DEMO_IMAGE:-64}"
 PATIENTS="${DEMO_PATIENTS:-584}"
 SEED="${DEMO_SEED:-2020}"
+# The paper's controls (US-only, SWE-only, ResNet50+C) and leave-one-site-out validation:
+# six more federated trainings. DEMO_STUDY=false runs the main model alone.
+STUDY="${DEMO_STUDY:-true}"
 SITES=(site-a site-b site-c)
 
 started=$(date +%s)
@@ -29,11 +32,11 @@ echo "== 2/4 provisioning: consortium CA, coordinator certificate, one startup k
 "$BIN/coordinator" provision --sites "$(IFS=,; echo "${SITES[*]}")" --out "$OUT/pki" 2>"$OUT/logs/provision.log"
 "$BIN/site-node" init-model --out "$OUT/pki/coordinator/initial_model.safetensors" 2>"$OUT/logs/init-model.log"
 cfg="$OUT/pki/coordinator/coordinator.toml"
-sed -i "s/^listen = .*/listen = \"127.0.0.1:0\"/; s/^rounds = .*/rounds = $ROUNDS/; s/^local_steps = .*/local_steps = $STEPS/; s/^batch_size = .*/batch_size = $BATCH/; s/^image_size = .*/image_size = $IMAGE/" "$cfg"
+sed -i "s/^leave_one_site_out = .*/leave_one_site_out = $STUDY/; s/^modality_controls = .*/modality_controls = $STUDY/; s/^clinical_in_head_control = .*/clinical_in_head_control = $STUDY/; s/^listen = .*/listen = \"127.0.0.1:0\"/; s/^rounds = .*/rounds = $ROUNDS/; s/^local_steps = .*/local_steps = $STEPS/; s/^batch_size = .*/batch_size = $BATCH/; s/^image_size = .*/image_size = $IMAGE/" "$cfg"
 
 echo "== 3/4 federation: coordinator + ${#SITES[@]} site-nodes on loopback mTLS ($ROUNDS rounds × $STEPS local steps, batch $BATCH, ${IMAGE}px)"
 "$BIN/coordinator" run --config "$cfg" --addr-file "$OUT/coordinator.addr" \
-  >"$OUT/results.txt" 2> >(tee "$OUT/logs/coordinator.log" | grep --line-buffered -E "round open|update accepted|round complete|features received|report written|rejected|ERROR|WARN" >&2) &
+  >"$OUT/results.txt" 2> >(tee "$OUT/logs/coordinator.log" | grep --line-buffered -E "round open|round complete|experiment complete|report written|rejected|ERROR|WARN" >&2) &
 coord=$!
 pids+=("$coord")
 for _ in $(seq 100); do [ -s "$OUT/coordinator.addr" ] && break; sleep 0.1; done
@@ -48,8 +51,9 @@ wait "$coord"
 for p in "${pids[@]:1}"; do wait "$p"; done
 pids=()
 
-echo "== 4/4 results (full report: $OUT/pki/coordinator/state/report.json)"
+echo "== 4/4 results (full report: $OUT/report.html and $OUT/report.json)"
 cp "$OUT/pki/coordinator/state/report.json" "$OUT/report.json"
+cp "$OUT/pki/coordinator/state/report.html" "$OUT/report.html"
 cp "$OUT/pki/coordinator/state/features.csv" "$OUT/features.csv"
 cat "$OUT/results.txt"
 python3 - "$OUT" "${SITES[@]}" <<'PY'
@@ -57,12 +61,15 @@ import json, sys, statistics as st
 out, sites = sys.argv[1], sys.argv[2:]
 rep = json.load(open(f"{out}/report.json"))
 site_t = {s: [json.loads(l) for l in open(f"{out}/sites/{s}/timings.jsonl")] for s in sites}
-print("\nround timing (seconds; per site: pull / local training / push):")
+print("\nround timing of the main model (seconds; per site: pull / local training / push):")
 for r in rep["rounds"]:
-    n = r["round"]
-    parts = "  ".join(f"{s} {t['pull_s']:.1f}/{t['train_s']:.1f}/{t['push_s']:.1f}" for s in sites for t in site_t[s] if t["round"] == n)
+    n, e = r["round"], r["experiment"]
+    if e != "main":
+        continue
+    parts = "  ".join(f"{s} {t['pull_s']:.1f}/{t['train_s']:.1f}/{t['push_s']:.1f}" for s in sites for t in site_t[s] if t["round"] == n and t["experiment"] == e)
     recv = max(c["receive_s"] for c in r["contributors"])
     print(f"  round {n}: wall {r['duration_s']:.1f}  aggregate {r['aggregate_s']:.2f}  checkpoint {r['checkpoint_s']:.2f}  slowest upload {recv:.2f}  | {parts}")
+print(f"experiments: {', '.join(rep['experiments'])} ({len(rep['rounds'])} rounds in all)")
 b = rep["rounds"][0]["contributors"][0]["bytes"]
 print(f"bytes per update on the wire: {b} ({b/2**20:.1f} MiB, fp32 delta of {b//4:,} values)")
 PY

@@ -358,6 +358,9 @@ pub struct FeatureRow {
     pub n_stage: NStage,
     pub clinical: Clinical,
     pub deep: Vec<f32>,
+    /// The network's own probability of N+ (used for the ResNet50+C control).
+    #[serde(default)]
+    pub network_score: Option<f32>,
 }
 
 impl From<&FeatureRow> for pb::FeatureRow {
@@ -388,6 +391,7 @@ impl From<&FeatureRow> for pb::FeatureRow {
                 axillary_us_positive: c.axillary_us_positive,
             }),
             deep: r.deep.clone(),
+            network_score: r.network_score,
         }
     }
 }
@@ -441,8 +445,44 @@ impl FeatureRow {
         if clinical.age_years.is_some_and(|a| !a.is_finite()) || clinical.us_size_mm.is_some_and(|s| !s.is_finite()) {
             return Err(bad("non-finite clinical value".into()));
         }
-        Ok(Self { site: site.clone(), patient_id: r.patient_id, split, n_stage, clinical, deep: r.deep })
+        if r.network_score.is_some_and(|v| !(0.0..=1.0).contains(&v)) {
+            return Err(bad("network score outside [0, 1]".into()));
+        }
+        Ok(Self { site: site.clone(), patient_id: r.patient_id, split, n_stage, clinical, deep: r.deep, network_score: r.network_score })
     }
+}
+
+/// Length of [`encode_clinical`]'s output (7 numeric/binary + 4 BI-RADS + 3 histology + 5 location).
+pub const CLINICAL_FEATURES: usize = 19;
+
+/// Reference means and standard deviations from the paper's Table 2 (584 patients), used
+/// to centre clinical inputs *at a site* for the ResNet50+C control, where no pooled
+/// statistics may be computed. Order as [`clinical_feature_names`].
+const REFERENCE_MEAN: [f64; CLINICAL_FEATURES] = [
+    50.27, 18.90, 471.0 / 584.0, 429.0 / 584.0, 135.0 / 584.0, 491.0 / 584.0, 0.55,
+    31.0 / 584.0, 164.0 / 584.0, 267.0 / 584.0, 122.0 / 584.0,
+    516.0 / 584.0, 18.0 / 584.0, 50.0 / 584.0,
+    0.2, 0.2, 0.2, 0.2, 0.2,
+];
+
+/// Clinical variables centred on Table 2 (continuous ones also scaled by its SD); missing
+/// values become 0, the reference mean.
+pub fn encode_clinical_reference(c: &Clinical) -> Vec<f32> {
+    let raw = encode_clinical(c);
+    raw.iter()
+        .enumerate()
+        .map(|(j, &v)| {
+            if v.is_nan() {
+                return 0.0;
+            }
+            let sd = match j {
+                0 => 10.32,
+                1 => 6.48,
+                _ => 1.0,
+            };
+            ((v - REFERENCE_MEAN[j]) / sd) as f32
+        })
+        .collect()
 }
 
 /// Names of the encoded clinical columns produced by [`encode_clinical`].
@@ -550,6 +590,7 @@ mod tests {
             n_stage: NStage::N3Plus,
             clinical: Clinical { birads: Some(BiRads::B5), location: Some(Location::Central), age_years: Some(40.0), ..Default::default() },
             deep: vec![0.5, -1.0],
+            network_score: Some(0.25),
         };
         let back = FeatureRow::from_proto(&site, pb::FeatureRow::from(&row), Some(2)).unwrap();
         assert_eq!(back, row);
@@ -565,6 +606,11 @@ mod tests {
         let c = Clinical { birads: Some(BiRads::B4C), er_positive: Some(true), ..Default::default() };
         let e = encode_clinical(&c);
         assert_eq!(e.len(), clinical_feature_names().len());
+        assert_eq!(e.len(), CLINICAL_FEATURES);
+        let r = encode_clinical_reference(&c);
+        assert_eq!(r.len(), CLINICAL_FEATURES);
+        assert_eq!(r[0], 0.0, "missing age is the reference mean");
+        assert!((r[2] - (1.0 - 471.0 / 584.0) as f32).abs() < 1e-6);
         assert!(e[0].is_nan() && e[2] == 1.0);
         assert_eq!(&e[7..11], &[0.0, 0.0, 1.0, 0.0]);
         assert!(e[11].is_nan());

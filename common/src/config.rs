@@ -108,6 +108,8 @@ pub struct CoordinatorConfig {
     pub training: TrainingPlan,
     #[serde(default)]
     pub fusion: FusionSvmParams,
+    #[serde(default)]
+    pub study: crate::experiment::StudyConfig,
     pub paths: CoordinatorPaths,
     pub tls: TlsFiles,
 }

@@ -196,6 +196,7 @@ mod tests {
                     n_stage: if pos { NStage::N1to2 } else { NStage::N0 },
                     clinical: Clinical { age_years: Some(50.0 + 5.0 * shift + rng.random_range(-10.0..10.0)), ..Default::default() },
                     deep: (0..4).map(|_| shift * 0.8 + rng.random_range(-1.5f32..1.5)).collect(),
+                    network_score: None,
                 }
             })
             .collect()

@@ -9,6 +9,7 @@
 //! | [`model_state`] | a model as named tensors over one flat f32 buffer, safetensors I/O |
 //! | [`wire`] | chunking/reassembly of model states, digests, proto ↔ domain at the edge |
 //! | [`aggregate`] | the `Aggregator` trait and sample-weighted FedAvg |
+//! | [`experiment`] | the study: main model, leave-one-site-out and control experiments |
 //! | [`cohort`] | manifest schema, clinical variables, N stage, splits, feature rows |
 //! | [`stats`] | ROC/AUC and DeLong statistics |
 //! | [`fusion`] | the clinical-fusion SVM (`FusionSvm`) on deep + clinical features |
@@ -23,6 +24,7 @@ pub mod cohort;
 pub mod config;
 pub mod constants;
 pub mod error;
+pub mod experiment;
 pub mod fusion;
 pub mod ids;
 pub mod model_state;

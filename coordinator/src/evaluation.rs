@@ -112,8 +112,38 @@ fn task_rows(rows: &[FeatureRow], task: ClinicalTask, split: Split) -> (Vec<&Fea
     rows.iter().filter(|r| r.split == split).filter_map(|r| task.label(r.n_stage).map(|y| (r, y))).unzip()
 }
 
-/// Fits and scores every method for a binary `task`.
-pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmParams, grid: &CvGrid) -> aln_common::Result<TaskEvaluation> {
+/// How a control experiment turns its own feature rows into a score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraScore {
+    /// SVM on that experiment's deep features + clinical variables (the modality controls).
+    CombinedSvm,
+    /// The network's own output probability (the ResNet50+C control).
+    NetworkScore,
+}
+
+/// A method scored from another experiment's features of the same patients.
+#[derive(Debug, Clone, Copy)]
+pub struct ExtraMethod<'a> {
+    pub name: &'a str,
+    pub rows: &'a [FeatureRow],
+    pub score: ExtraScore,
+}
+
+/// The counterparts of `main` rows in another experiment's rows (same site and patient).
+fn align<'a>(main: &[&FeatureRow], other: &'a [FeatureRow]) -> Option<Vec<&'a FeatureRow>> {
+    let by_id: BTreeMap<(&str, &str), &FeatureRow> = other.iter().map(|r| ((r.site.as_str(), r.patient_id.as_str()), r)).collect();
+    main.iter().map(|r| by_id.get(&(r.site.as_str(), r.patient_id.as_str())).copied()).collect()
+}
+
+/// Fits and scores every method for a binary `task`; `extras` adds control methods whose
+/// scores come from other experiments of the study, on the same patients.
+pub fn evaluate_task(
+    rows: &[FeatureRow],
+    task: ClinicalTask,
+    params: FusionSvmParams,
+    grid: &CvGrid,
+    extras: &[ExtraMethod<'_>],
+) -> aln_common::Result<TaskEvaluation> {
     let (train, y_train) = task_rows(rows, task, Split::Train);
     let (val, y_val) = task_rows(rows, task, Split::Validation);
     let (test, y_test) = task_rows(rows, task, Split::Test);
@@ -160,6 +190,28 @@ pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmP
         let svm = FusionSvm::fit_labeled(chosen, task, set, &train, &y_train)?;
         add(set.name(), Some(chosen), cv_grid, svm.decision(&train), svm.decision(&val), svm.decision(&test))?;
     }
+    for extra in extras {
+        let (Some(tr), Some(va), Some(te)) = (align(&train, extra.rows), align(&val, extra.rows), align(&test, extra.rows)) else {
+            tracing::warn!(method = extra.name, "skipped: its experiment lacks some of the main model's patients");
+            continue;
+        };
+        match extra.score {
+            ExtraScore::CombinedSvm => {
+                let (chosen, cv_grid) = select_by_cv(params, grid, task, FeatureSet::Combined, &tr, &y_train)?;
+                let svm = FusionSvm::fit_labeled(chosen, task, FeatureSet::Combined, &tr, &y_train)?;
+                add(extra.name, Some(chosen), cv_grid, svm.decision(&tr), svm.decision(&va), svm.decision(&te))?;
+            }
+            ExtraScore::NetworkScore => {
+                let s = |rs: &[&FeatureRow]| rs.iter().map(|r| r.network_score.map_or(f64::NAN, f64::from)).collect::<Vec<_>>();
+                let (s_tr, s_va, s_te) = (s(&tr), s(&va), s(&te));
+                if s_tr.iter().chain(&s_va).chain(&s_te).any(|v| v.is_nan()) {
+                    tracing::warn!(method = extra.name, "skipped: some rows carry no network score");
+                    continue;
+                }
+                add(extra.name, None, vec![], s_tr, s_va, s_te)?;
+            }
+        }
+    }
 
     let combined = &test_scores[FeatureSet::Combined.name()];
     let delong_combined_vs = test_scores
@@ -178,6 +230,37 @@ pub fn evaluate_task(rows: &[FeatureRow], task: ClinicalTask, params: FusionSvmP
         })
         .collect();
     Ok(TaskEvaluation { task, n_train: train.len(), n_validation: val.len(), n_test: test.len(), methods, delong_combined_vs, test_patients })
+}
+
+/// External validation of one leave-one-site-out experiment: SVMs fitted on the training
+/// rows of the other sites (features from the model federated without the held-out site),
+/// tested on every patient of the held-out site.
+#[derive(Debug, Clone, Serialize)]
+pub struct LosoResult {
+    pub held_out: String,
+    pub n_train: usize,
+    pub n_test: usize,
+    pub methods: BTreeMap<String, Option<AucEstimate>>,
+}
+
+pub fn evaluate_loso(held_out: &str, rows: &[FeatureRow], params: FusionSvmParams, grid: &CvGrid) -> aln_common::Result<LosoResult> {
+    let task = ClinicalTask::N0VsNPlus;
+    let (train, y_train): (Vec<&FeatureRow>, Vec<bool>) = rows
+        .iter()
+        .filter(|r| r.site.as_str() != held_out && r.split == Split::Train)
+        .filter_map(|r| task.label(r.n_stage).map(|y| (r, y)))
+        .unzip();
+    let (test, y_test): (Vec<&FeatureRow>, Vec<bool>) =
+        rows.iter().filter(|r| r.site.as_str() == held_out).filter_map(|r| task.label(r.n_stage).map(|y| (r, y))).unzip();
+    let mut methods = BTreeMap::new();
+    let ax: Vec<f64> = test.iter().map(|r| axillary_score(r)).collect();
+    methods.insert(AXILLARY_US.to_string(), stats::auc_delong(&ax, &y_test).ok());
+    for set in FeatureSet::ALL {
+        let (chosen, _) = select_by_cv(params, grid, task, set, &train, &y_train)?;
+        let svm = FusionSvm::fit_labeled(chosen, task, set, &train, &y_train)?;
+        methods.insert(set.name().to_string(), stats::auc_delong(&svm.decision(&test), &y_test).ok());
+    }
+    Ok(LosoResult { held_out: held_out.to_string(), n_train: train.len(), n_test: test.len(), methods })
 }
 
 /// Task 3 with one-vs-rest SVMs (combined features, parameters from task 1's search),
@@ -252,6 +335,7 @@ mod tests {
                     n_stage: stage,
                     clinical: Clinical { us_size_mm: Some(15.0 + 3.0 * b + 8.0 * noise), axillary_us_positive: Some(i % 4 == 0), ..Default::default() },
                     deep: vec![b + 2.0 * noise, noise, ((i * 31) % 11) as f32],
+                    network_score: None,
                 }
             })
             .collect()
@@ -261,7 +345,7 @@ mod tests {
     fn test_rows_never_influence_fitting() {
         let rows = cohort();
         let grid = CvGrid { c: vec![0.5, 2.0], gamma_scale: vec![1.0], folds: 3, seed: 1 };
-        let base = evaluate_task(&rows, ClinicalTask::N0VsNPlus, FusionSvmParams::default(), &grid).unwrap();
+        let base = evaluate_task(&rows, ClinicalTask::N0VsNPlus, FusionSvmParams::default(), &grid, &[]).unwrap();
         // Scramble everything about the test patients: labels, features, clinical values.
         let mut scrambled = rows.clone();
         for r in scrambled.iter_mut().filter(|r| r.split == Split::Test) {
@@ -269,7 +353,7 @@ mod tests {
             r.deep.iter_mut().for_each(|v| *v = -100.0 * *v + 3.0);
             r.clinical.us_size_mm = Some(99.0);
         }
-        let other = evaluate_task(&scrambled, ClinicalTask::N0VsNPlus, FusionSvmParams::default(), &grid).unwrap();
+        let other = evaluate_task(&scrambled, ClinicalTask::N0VsNPlus, FusionSvmParams::default(), &grid, &[]).unwrap();
         for (a, b) in base.methods.iter().zip(&other.methods) {
             let auc = |m: &CohortMetrics| m.auc.map(|e| e.auc);
             assert_eq!(auc(&a.train), auc(&b.train), "{}: training fit changed with test rows", a.method);

@@ -192,6 +192,25 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
         let _ = writeln!(h, "<td>{}</td></tr>", prop_cell(t3.per_class_recall.get(c).copied().flatten()));
     }
     let _ = writeln!(h, "</table>");
+    if !r.leave_one_site_out.is_empty() {
+        let _ = writeln!(
+            h,
+            "<h2>Leave-one-site-out external validation (task 1)</h2><p>For each site, the network is federated without it and the SVMs are fitted on the other sites' training rows; AUCs are on all of the held-out site's patients.</p><table><tr><th>held-out site</th><th>patients</th><th>training patients</th>"
+        );
+        let methods: Vec<&String> = r.leave_one_site_out[0].methods.keys().collect();
+        for m in &methods {
+            let _ = write!(h, "<th>{}</th>", esc(m));
+        }
+        let _ = writeln!(h, "</tr>");
+        for l in &r.leave_one_site_out {
+            let _ = write!(h, "<tr><td>{}</td><td>{}</td><td>{}</td>", esc(&l.held_out), l.n_test, l.n_train);
+            for m in &methods {
+                let _ = write!(h, "<td>{}</td>", auc_cell(l.methods.get(*m).and_then(|a| a.as_ref())));
+            }
+            let _ = writeln!(h, "</tr>");
+        }
+        let _ = writeln!(h, "</table>");
+    }
     if !gradcam.is_empty() {
         use base64::Engine as _;
         let _ = writeln!(h, "<h2>Grad-CAM (last residual block), computed at the sites</h2><div>");
@@ -215,7 +234,8 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
     for rr in &r.rounds {
         let _ = writeln!(
             h,
-            "<tr><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td><code>{}</code></td></tr>",
+            "<tr><td>{} {}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td><code>{}</code></td></tr>",
+            esc(&rr.experiment),
             rr.round,
             rr.contributors.iter().map(|c| format!("{} (n={})", c.site, c.sample_count)).collect::<Vec<_>>().join(", "),
             rr.duration_s,
@@ -229,7 +249,7 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
     h
 }
 
-/// Grad-CAM overlays carried by feature rows (none until sites send them).
-pub fn collect_gradcam(_rows: &[aln_common::cohort::FeatureRow]) -> Vec<GradCamImage> {
+/// Grad-CAM overlays sites chose to share (none until sites send them).
+pub fn collect_gradcam(_state_dir: &std::path::Path) -> Vec<GradCamImage> {
     Vec::new()
 }

@@ -134,9 +134,14 @@ learning_rate = {lr:e}
 image_size = {size}                     # paper: 224
 seed = {seed}
 
-[fusion]                                # clinical-fusion SVM (Gaussian kernel)
-c = 1.0
+[fusion]                                # clinical-fusion SVM (Gaussian kernel); C and gamma
+c = 1.0                                 # are re-chosen by 5-fold CV on pooled training rows
 balanced = true
+
+[study]                                 # controls, each one extra federated training
+leave_one_site_out = false              # external validation: one federation per held-out site
+modality_controls = false               # US-only and SWE-only federations
+clinical_in_head_control = false        # ResNet50+C: clinical variables inside the network
 
 [paths]
 state_dir = "state"                     # models, round state, report; runs resume from here

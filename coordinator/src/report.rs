@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 use aln_common::atomic_file;
 use aln_common::cohort::{ClinicalTask, FeatureRow};
 use aln_common::config::{CoordinatorConfig, TrainingPlan};
+use aln_common::experiment::{self, Experiment, StudyConfig};
 use aln_common::constants::state_files;
 use aln_common::fusion::{CvGrid, FeatureSet, FusionSvmParams};
 use aln_common::ids::ModelHash;
@@ -17,7 +18,7 @@ use serde::Serialize;
 
 use crate::cohort_table::{self, BalanceRow};
 use crate::html;
-use crate::evaluation::{self, MultiClassEvaluation, TaskEvaluation};
+use crate::evaluation::{self, ExtraMethod, ExtraScore, LosoResult, MultiClassEvaluation, TaskEvaluation};
 use crate::state::{RoundRecord, RunState, StateStore};
 
 /// Version of the report.json layout.
@@ -36,6 +37,7 @@ pub struct ReportConfig {
     pub min_sites: usize,
     pub training: TrainingPlan,
     pub fusion: FusionSvmParams,
+    pub study: StudyConfig,
     pub aggregator: &'static str,
 }
 
@@ -56,13 +58,40 @@ pub struct Report {
     pub task2: TaskEvaluation,
     /// N0 / N+(1-2) / N+(≥3).
     pub task3: MultiClassEvaluation,
+    /// Task 1 on each held-out site, trained without it.
+    pub leave_one_site_out: Vec<LosoResult>,
+    /// The study's experiments, in the order they ran.
+    pub experiments: Vec<String>,
 }
 
 /// Evaluates, writes `report.json` + `features.csv`, returns the printable summary.
-pub fn build_and_write(cfg: &CoordinatorConfig, store: &StateStore, run: &RunState, rows: &[FeatureRow]) -> Result<String> {
+pub fn build_and_write(
+    cfg: &CoordinatorConfig,
+    store: &StateStore,
+    run: &RunState,
+    experiments: &[Experiment],
+    features: &BTreeMap<String, Vec<FeatureRow>>,
+) -> Result<String> {
+    let rows: &[FeatureRow] = features.get(experiment::MAIN).context("no features of the main experiment")?;
     let grid = CvGrid::default();
-    let task1 = evaluation::evaluate_task(rows, ClinicalTask::N0VsNPlus, cfg.fusion, &grid).context("task 1 (N0 vs N+)")?;
-    let task2 = evaluation::evaluate_task(rows, ClinicalTask::LowVsHighBurden, cfg.fusion, &grid).context("task 2 (N+(1-2) vs N+(>=3))")?;
+    let mut extras = Vec::new();
+    for (id, name, score) in [
+        (experiment::US_ONLY, "us_only_clinical", ExtraScore::CombinedSvm),
+        (experiment::SWE_ONLY, "swe_only_clinical", ExtraScore::CombinedSvm),
+        (experiment::RESNET50_C, "resnet50_c", ExtraScore::NetworkScore),
+    ] {
+        if let Some(r) = features.get(id) {
+            extras.push(ExtraMethod { name, rows: r, score });
+        }
+    }
+    let task1 = evaluation::evaluate_task(rows, ClinicalTask::N0VsNPlus, cfg.fusion, &grid, &extras).context("task 1 (N0 vs N+)")?;
+    let task2 = evaluation::evaluate_task(rows, ClinicalTask::LowVsHighBurden, cfg.fusion, &grid, &[]).context("task 2 (N+(1-2) vs N+(>=3))")?;
+    let mut leave_one_site_out = Vec::new();
+    for e in experiments {
+        if let (Some(site), Some(r)) = (&e.held_out, features.get(&e.id)) {
+            leave_one_site_out.push(evaluation::evaluate_loso(site.as_str(), r, cfg.fusion, &grid).with_context(|| format!("leave-one-site-out {}", e.id))?);
+        }
+    }
     let combined_params = task1.method(FeatureSet::Combined.name()).and_then(|m| m.params).unwrap_or(cfg.fusion);
     let task3 = evaluation::evaluate_three_class(rows, combined_params).context("task 3 (three classes)")?;
     let mut cohort: BTreeMap<String, SiteCohort> = BTreeMap::new();
@@ -82,6 +111,7 @@ pub fn build_and_write(cfg: &CoordinatorConfig, store: &StateStore, run: &RunSta
             min_sites: cfg.federation.min_sites,
             training: cfg.training,
             fusion: cfg.fusion,
+            study: cfg.study,
             aggregator: "fedavg",
         },
         rounds: run.history.clone(),
@@ -90,9 +120,11 @@ pub fn build_and_write(cfg: &CoordinatorConfig, store: &StateStore, run: &RunSta
         task1,
         task2,
         task3,
+        leave_one_site_out,
+        experiments: experiments.iter().map(|e| e.id.clone()).collect(),
     };
     atomic_file::write_json(&store.dir().join(state_files::REPORT_JSON), &report)?;
-    let gradcam = html::collect_gradcam(rows);
+    let gradcam = html::collect_gradcam(store.dir());
     atomic_file::write(&store.dir().join(state_files::REPORT_HTML), html::render(&report, &gradcam).as_bytes())?;
     write_features_csv(&store.dir().join(state_files::FEATURES_CSV), rows)?;
     Ok(summary(&report))
@@ -194,6 +226,16 @@ pub fn summary(r: &Report) -> String {
     );
     for (c, row) in t3.classes.iter().zip(&t3.confusion) {
         let _ = writeln!(s, "  {c:<5} {}", row.iter().map(|v| format!("{v:>4}")).collect::<String>());
+    }
+    if !r.leave_one_site_out.is_empty() {
+        let _ = writeln!(s, "\nLeave-one-site-out (task 1; federated and SVM-fitted without the site, tested on all its patients):");
+        for l in &r.leave_one_site_out {
+            let _ = write!(s, "  held out {:<8} n={:<4}", l.held_out, l.n_test);
+            for (m, a) in &l.methods {
+                let _ = write!(s, "  {m} {}", a.map_or("n/a".into(), |a| format!("{:.3}", a.auc)));
+            }
+            let _ = writeln!(s);
+        }
     }
     s
 }

@@ -1,8 +1,10 @@
 //! The round state machine: what the federation is doing and what each site should do next.
 //!
 //! ```text
-//! Training(r) ──all sites, or quorum after timeout──► Aggregating(r) ──► Training(r+1) … 
-//!     └─ after the last round ──► CollectingFeatures ──► Evaluating ──► Done
+//! for each experiment of the study (main first, then the controls):
+//!   Training(r) ──all participants, or quorum after timeout──► Aggregating(r) ──► Training(r+1) …
+//!       └─ after the last round ──► CollectingFeatures (every site) ──► next experiment
+//! after the last experiment ──► Evaluating ──► Done
 //! ```
 //!
 //! The gRPC layer (`server`) only converts messages and calls into [`RoundController`]; all
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 use aln_common::aggregate::{self, Aggregator, Expectation, FedAvg, ModelUpdate};
 use aln_common::cohort::FeatureRow;
 use aln_common::config::{CoordinatorConfig, TrainingPlan};
+use aln_common::experiment::Experiment;
 use aln_common::constants::DEFAULT_WAIT_MS;
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::{ModelState, TensorSpec};
@@ -42,8 +45,8 @@ pub enum Phase {
 /// The answer to a site's `NextTask`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskDecision {
-    Train { round: Round, model_hash: ModelHash, plan: TrainingPlan },
-    Extract { model_hash: ModelHash },
+    Train { round: Round, total_rounds: u32, model_hash: ModelHash, plan: TrainingPlan, experiment: Experiment },
+    Extract { model_hash: ModelHash, experiment: Experiment },
     Wait { retry_after_ms: u32, reason: String },
     Done { summary: String },
 }
@@ -65,7 +68,10 @@ struct Inner {
     rejected: Vec<String>,
     joined: BTreeSet<SiteId>,
     pending_features: BTreeMap<SiteId, Vec<FeatureRow>>,
+    /// Features of the experiment in progress, per site.
     features: BTreeMap<SiteId, Vec<FeatureRow>>,
+    /// Pooled features of every finished experiment.
+    finished: BTreeMap<String, Vec<FeatureRow>>,
     told_done: BTreeSet<SiteId>,
     summary: String,
     quorum_warned: bool,
@@ -75,6 +81,8 @@ struct Inner {
 pub struct RoundController {
     cfg: Arc<CoordinatorConfig>,
     store: StateStore,
+    experiments: Vec<Experiment>,
+    initial: Arc<ModelState>,
     schema: Arc<Vec<TensorSpec>>,
     inner: Mutex<Inner>,
     finished: watch::Sender<bool>,
@@ -84,35 +92,56 @@ impl RoundController {
     /// Opens the state directory: resumes a saved run, or starts one from the initial model.
     pub fn open(cfg: Arc<CoordinatorConfig>) -> CoordResult<Arc<Self>> {
         let store = StateStore::new(&cfg.paths.state_dir);
+        let experiments = cfg.study.plan(&cfg.federation.sites);
+        let plan: Vec<String> = experiments.iter().map(|e| e.id.clone()).collect();
+        let (initial, _) = ModelState::load(&cfg.paths.initial_model)?;
+        let mut finished = BTreeMap::new();
         let (run, global) = match store.load()? {
             Some(run) => {
-                let model = store.load_model(Round(run.completed_rounds), &run.global_model_hash)?;
-                info!(run_id = %run.run_id, completed_rounds = run.completed_rounds, "resuming run from {}", store.dir().display());
+                if run.plan != plan {
+                    return Err(CoordinatorError::Internal(format!(
+                        "{} holds a run of the study {:?}, but the config now plans {:?}; use another state_dir",
+                        store.dir().display(),
+                        run.plan,
+                        plan
+                    )));
+                }
+                let exp = &plan[run.experiment.min(plan.len() - 1)];
+                let model = store.load_model(exp, Round(run.completed_rounds), &run.global_model_hash)?;
+                for done in &plan[..run.experiment] {
+                    finished.insert(done.clone(), store.load_features(done)?);
+                }
+                info!(run_id = %run.run_id, experiment = %exp, completed_rounds = run.completed_rounds, "resuming run from {}", store.dir().display());
                 (run, model)
             }
             None => {
-                let (model, _) = ModelState::load(&cfg.paths.initial_model)?;
-                let hash = model.weights_hash();
-                let run_id = new_run_id(&hash);
+                let hash = initial.weights_hash();
                 let run = RunState {
                     format_version: STATE_FORMAT_VERSION,
-                    run_id,
+                    run_id: new_run_id(&hash),
+                    plan: plan.clone(),
+                    experiment: 0,
                     completed_rounds: 0,
                     global_model_hash: hash,
-                    schema_hash: model.schema_hash(),
+                    schema_hash: initial.schema_hash(),
                     history: vec![],
                 };
-                store.save_model(Round(0), &model, &run.run_id)?;
+                store.save_model(&plan[0], Round(0), &initial, &run.run_id)?;
                 store.save(&run)?;
-                info!(run_id = %run.run_id, tensors = model.specs().len(), params = model.numel(), "new run from {}", cfg.paths.initial_model.display());
-                (run, model)
+                info!(run_id = %run.run_id, experiments = ?plan, tensors = initial.specs().len(), params = initial.numel(), "new run from {}", cfg.paths.initial_model.display());
+                (run, initial.clone())
             }
         };
         let schema = Arc::new(global.specs().to_vec());
-        let (finished, _) = watch::channel(false);
+        if initial.specs() != global.specs() {
+            return Err(CoordinatorError::Internal(format!("{} does not match the run's model schema", cfg.paths.initial_model.display())));
+        }
+        let (finished_tx, _) = watch::channel(false);
         let this = Arc::new(Self {
             schema,
             store,
+            experiments,
+            initial: Arc::new(initial),
             inner: Mutex::new(Inner {
                 phase: Phase::Evaluating,
                 run,
@@ -123,19 +152,35 @@ impl RoundController {
                 joined: BTreeSet::new(),
                 pending_features: BTreeMap::new(),
                 features: BTreeMap::new(),
+                finished,
                 told_done: BTreeSet::new(),
                 summary: String::new(),
                 quorum_warned: false,
             }),
-            finished,
+            finished: finished_tx,
             cfg,
         });
         {
             let mut g = this.lock();
-            let next = Round(g.run.completed_rounds + 1);
-            this.enter_round_or_features(&mut g, next);
+            if g.run.experiment >= this.experiments.len() {
+                // Every experiment's features are on disk: only the evaluation is missing.
+                g.phase = Phase::CollectingFeatures { opened: Instant::now() };
+            } else {
+                let next = Round(g.run.completed_rounds + 1);
+                this.enter_round_or_features(&mut g, next);
+            }
         }
         Ok(this)
+    }
+
+    /// The experiment in progress.
+    fn experiment(&self, g: &Inner) -> &Experiment {
+        &self.experiments[g.run.experiment.min(self.experiments.len() - 1)]
+    }
+
+    /// Sites that train in the experiment in progress.
+    fn participants(&self, g: &Inner) -> usize {
+        self.experiment(g).participants(&self.cfg.federation.sites).count()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -182,11 +227,13 @@ impl RoundController {
         if round.0 <= self.cfg.federation.rounds {
             g.aggregator = Some(Box::new(FedAvg::new(&g.global)));
             g.phase = Phase::Training { round, opened: Instant::now() };
-            info!(%round, model = %g.run.global_model_hash.short(), "round open");
+            info!(experiment = %self.experiment(g).id, %round, model = %g.run.global_model_hash.short(), "round open");
         } else {
             g.aggregator = None;
+            g.features.clear();
+            g.pending_features.clear();
             g.phase = Phase::CollectingFeatures { opened: Instant::now() };
-            info!(model = %g.run.global_model_hash.short(), "training complete; collecting features");
+            info!(experiment = %self.experiment(g).id, model = %g.run.global_model_hash.short(), "training complete; collecting features");
         }
     }
 
@@ -204,18 +251,27 @@ impl RoundController {
         let wait = |reason: &str| TaskDecision::Wait { retry_after_ms: DEFAULT_WAIT_MS, reason: reason.into() };
         match &g.phase {
             Phase::Training { round, .. } => {
-                if g.contributions.iter().any(|c| &c.site == site) {
+                let experiment = self.experiment(&g);
+                if !experiment.trains(site) {
+                    wait("held out of this experiment's training")
+                } else if g.contributions.iter().any(|c| &c.site == site) {
                     wait("waiting for the other sites' updates")
                 } else {
-                    TaskDecision::Train { round: *round, model_hash: g.run.global_model_hash.clone(), plan: self.cfg.training }
+                    TaskDecision::Train {
+                        round: *round,
+                        total_rounds: self.cfg.federation.rounds,
+                        model_hash: g.run.global_model_hash.clone(),
+                        plan: self.cfg.training,
+                        experiment: experiment.clone(),
+                    }
                 }
             }
             Phase::Aggregating { .. } => wait("aggregating"),
             Phase::CollectingFeatures { .. } => {
-                if g.features.contains_key(site) {
+                if g.features.contains_key(site) || g.run.experiment >= self.experiments.len() {
                     wait("waiting for the other sites' features")
                 } else {
-                    TaskDecision::Extract { model_hash: g.run.global_model_hash.clone() }
+                    TaskDecision::Extract { model_hash: g.run.global_model_hash.clone(), experiment: self.experiment(&g).clone() }
                 }
             }
             Phase::Evaluating => wait("fitting the fusion SVM"),
@@ -260,6 +316,9 @@ impl RoundController {
                     )));
                 }
             };
+            if !self.experiment(&g).trains(&update.site) {
+                return Err(CoordinatorError::WrongPhase(format!("{} is held out of experiment {}", update.site, self.experiment(&g).id)));
+            }
             if g.contributions.iter().any(|c| c.site == update.site) {
                 return Err(CoordinatorError::AlreadySubmitted { site: update.site.clone(), round });
             }
@@ -275,7 +334,7 @@ impl RoundController {
             match checked {
                 Ok(()) => {
                     g.contributions.push(Contribution { site: update.site.clone(), sample_count: update.sample_count, bytes, receive_s });
-                    info!(samples = update.sample_count, bytes, receive_s, "update accepted ({}/{})", g.contributions.len(), self.cfg.federation.sites.len());
+                    info!(samples = update.sample_count, bytes, receive_s, "update accepted ({}/{})", g.contributions.len(), self.participants(&g));
                     Ok(round)
                 }
                 Err(e) => {
@@ -298,11 +357,14 @@ impl RoundController {
     }
 
     /// Adds a batch of feature rows (already converted and checked by the server).
-    pub fn submit_features(self: &Arc<Self>, site: &SiteId, rows: Vec<FeatureRow>, batch_index: u32, last: bool) -> CoordResult<usize> {
+    pub fn submit_features(self: &Arc<Self>, site: &SiteId, experiment: &str, rows: Vec<FeatureRow>, batch_index: u32, last: bool) -> CoordResult<usize> {
         let n = {
             let mut g = self.lock();
-            if !matches!(g.phase, Phase::CollectingFeatures { .. }) {
+            if !matches!(g.phase, Phase::CollectingFeatures { .. }) || g.run.experiment >= self.experiments.len() {
                 return Err(CoordinatorError::WrongPhase("features are not being collected now".into()));
+            }
+            if experiment != self.experiment(&g).id {
+                return Err(CoordinatorError::WrongPhase(format!("features for experiment {experiment:?} arrived while {:?} is collecting", self.experiment(&g).id)));
             }
             if g.features.contains_key(site) {
                 return Err(CoordinatorError::WrongPhase(format!("features of {site} were already received")));
@@ -335,8 +397,9 @@ impl RoundController {
         match g.phase {
             Phase::Training { round, opened } => {
                 let n = g.contributions.len();
+                let participants = self.participants(&g);
                 let timed_out = opened.elapsed() >= timeout;
-                if n == fed.sites.len() || (timed_out && n >= fed.min_sites) {
+                if n == participants || (timed_out && n >= fed.min_sites.min(participants)) {
                     let aggregator = g.aggregator.take().expect("aggregator of an open round");
                     let global = g.global.clone();
                     g.phase = Phase::Aggregating { round };
@@ -349,18 +412,56 @@ impl RoundController {
                 }
             }
             Phase::CollectingFeatures { opened } => {
+                let all_done = g.run.experiment >= self.experiments.len();
                 let n = g.features.len();
-                if n == fed.sites.len() || (opened.elapsed() >= timeout && n >= fed.min_sites) {
-                    g.phase = Phase::Evaluating;
-                    let rows: Vec<FeatureRow> = g.features.values().flatten().cloned().collect();
-                    let run = g.run.clone();
-                    drop(g);
-                    let this = self.clone();
-                    tokio::task::spawn_blocking(move || this.evaluate(rows, run));
+                if !all_done && !(n == fed.sites.len() || (opened.elapsed() >= timeout && n >= fed.min_sites)) {
+                    return;
                 }
+                if !all_done {
+                    let id = self.experiment(&g).id.clone();
+                    let rows: Vec<FeatureRow> = std::mem::take(&mut g.features).into_values().flatten().collect();
+                    if let Err(e) = self.store.save_features(&id, &rows) {
+                        drop(g);
+                        return self.fail(format!("saving features of {id} failed: {e}"));
+                    }
+                    info!(experiment = %id, rows = rows.len(), "experiment complete");
+                    g.finished.insert(id, rows);
+                    if let Err(e) = self.start_next_experiment(&mut g) {
+                        drop(g);
+                        return self.fail(format!("starting the next experiment failed: {e}"));
+                    }
+                    if g.run.experiment < self.experiments.len() {
+                        return;
+                    }
+                }
+                g.phase = Phase::Evaluating;
+                let features = g.finished.clone();
+                let run = g.run.clone();
+                drop(g);
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.evaluate(features, run));
             }
             _ => {}
         }
+    }
+
+    /// Moves to the next experiment (from the initial model) or marks the study complete.
+    fn start_next_experiment(&self, g: &mut Inner) -> CoordResult<()> {
+        let mut run = g.run.clone();
+        run.experiment += 1;
+        run.completed_rounds = 0;
+        if let Some(next) = self.experiments.get(run.experiment) {
+            run.global_model_hash = self.initial.weights_hash();
+            self.store.save_model(&next.id, Round(0), &self.initial, &run.run_id)?;
+            self.store.save(&run)?;
+            g.run = run;
+            g.global = self.initial.clone();
+            self.enter_round_or_features(g, Round(1));
+        } else {
+            self.store.save(&run)?;
+            g.run = run;
+        }
+        Ok(())
     }
 
     fn close_round(self: Arc<Self>, round: Round, aggregator: Box<dyn Aggregator>, global: Arc<ModelState>, opened: Instant) {
@@ -376,12 +477,16 @@ impl RoundController {
         };
         let t = Instant::now();
         let hash = next.weights_hash();
-        let run_id = self.lock().run.run_id.clone();
-        if let Err(e) = self.store.save_model(round, &next, &run_id) {
+        let (run_id, experiment) = {
+            let g = self.lock();
+            (g.run.run_id.clone(), self.experiment(&g).id.clone())
+        };
+        if let Err(e) = self.store.save_model(&experiment, round, &next, &run_id) {
             return self.fail(format!("checkpoint of round {round} failed: {e}"));
         }
         let mut g = self.lock();
         let record = RoundRecord {
+            experiment: experiment.clone(),
             round,
             model_hash: hash.clone(),
             contributors: g.contributions.clone(),
@@ -408,10 +513,10 @@ impl RoundController {
         self.enter_round_or_features(&mut g, Round(round.0 + 1));
     }
 
-    fn evaluate(self: Arc<Self>, rows: Vec<FeatureRow>, run: RunState) {
-        let span = info_span!("evaluation", rows = rows.len());
+    fn evaluate(self: Arc<Self>, features: BTreeMap<String, Vec<FeatureRow>>, run: RunState) {
+        let span = info_span!("evaluation", experiments = features.len());
         let _e = span.enter();
-        match report::build_and_write(&self.cfg, &self.store, &run, &rows) {
+        match report::build_and_write(&self.cfg, &self.store, &run, &self.experiments, &features) {
             Ok(summary) => {
                 let mut g = self.lock();
                 g.summary = summary;
@@ -439,9 +544,15 @@ impl RoundController {
     pub fn describe(&self) -> String {
         let g = self.lock();
         match &g.phase {
-            Phase::Training { round, .. } => format!("round {round}/{}: {}/{} updates", self.cfg.federation.rounds, g.contributions.len(), self.cfg.federation.sites.len()),
-            Phase::Aggregating { round } => format!("round {round}: aggregating"),
-            Phase::CollectingFeatures { .. } => format!("features: {}/{} sites", g.features.len(), self.cfg.federation.sites.len()),
+            Phase::Training { round, .. } => format!(
+                "{}: round {round}/{}: {}/{} updates",
+                self.experiment(&g).id,
+                self.cfg.federation.rounds,
+                g.contributions.len(),
+                self.participants(&g)
+            ),
+            Phase::Aggregating { round } => format!("{}: round {round}: aggregating", self.experiment(&g).id),
+            Phase::CollectingFeatures { .. } => format!("{}: features {}/{} sites", self.experiment(&g).id, g.features.len(), self.cfg.federation.sites.len()),
             Phase::Evaluating => "evaluating".into(),
             Phase::Done => "done".into(),
             Phase::Failed(m) => format!("failed: {m}"),

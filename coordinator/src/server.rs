@@ -84,10 +84,16 @@ impl Federation for FederationService {
         let site = self.identify(&req)?;
         use pb::task::Kind;
         let kind = match self.ctl.next_task(&site) {
-            TaskDecision::Train { round, model_hash, plan } => {
-                Kind::Train(pb::TrainTask { round: round.0, model_hash: model_hash.0, plan: Some(plan_to_proto(&plan)) })
+            TaskDecision::Train { round, total_rounds, model_hash, plan, experiment } => Kind::Train(pb::TrainTask {
+                round: round.0,
+                model_hash: model_hash.0,
+                plan: Some(plan_to_proto(&plan)),
+                experiment: Some(pb::Experiment::from(&experiment)),
+                total_rounds,
+            }),
+            TaskDecision::Extract { model_hash, experiment } => {
+                Kind::Extract(pb::ExtractTask { model_hash: model_hash.0, experiment: Some(pb::Experiment::from(&experiment)) })
             }
-            TaskDecision::Extract { model_hash } => Kind::Extract(pb::ExtractTask { model_hash: model_hash.0 }),
             TaskDecision::Wait { retry_after_ms, reason } => Kind::Wait(pb::WaitTask { retry_after_ms, reason }),
             TaskDecision::Done { summary } => Kind::Done(pb::DoneTask { summary }),
         };
@@ -166,7 +172,7 @@ impl Federation for FederationService {
             .map(|r| FeatureRow::from_proto(&site, r, None))
             .collect::<Result<Vec<_>, _>>()
             .map_err(CoordinatorError::from)?;
-        let n = self.ctl.submit_features(&site, rows, batch.batch_index, batch.last)?;
+        let n = self.ctl.submit_features(&site, &batch.experiment, rows, batch.batch_index, batch.last)?;
         Ok(Response::new(pb::FeatureAck { rows_received: n as u32 }))
     }
 }

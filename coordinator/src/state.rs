@@ -1,8 +1,9 @@
 //! The coordinator's state directory: the durable record of a run.
 //!
 //! ```text
-//! state/round_state.json          RunState: completed rounds, current model hash, history
-//! state/models/global_r0000.safetensors   initial model; global_rNNNN after round N
+//! state/round_state.json          RunState: experiment, completed rounds, model hash, history
+//! state/models/<experiment>/global_r0000.safetensors   initial model; global_rNNNN after round N
+//! state/features/<experiment>.json  pooled feature rows of a finished experiment
 //! state/report.json, features.csv  written at the end
 //! ```
 //!
@@ -13,6 +14,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use aln_common::atomic_file;
+use aln_common::cohort::FeatureRow;
 use aln_common::constants::{global_model_file, state_files};
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::ModelState;
@@ -21,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::status::{CoordResult, CoordinatorError};
 
 /// Version of the `round_state.json` layout.
-pub const STATE_FORMAT_VERSION: u32 = 1;
+pub const STATE_FORMAT_VERSION: u32 = 2;
 
 /// One site's accepted update in a round.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -36,6 +38,7 @@ pub struct Contribution {
 /// What happened in one completed round.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoundRecord {
+    pub experiment: String,
     pub round: Round,
     pub model_hash: ModelHash,
     pub contributors: Vec<Contribution>,
@@ -51,6 +54,11 @@ pub struct RoundRecord {
 pub struct RunState {
     pub format_version: u32,
     pub run_id: String,
+    /// Ids of the study's experiments, in order (checked on resume).
+    pub plan: Vec<String>,
+    /// Index into `plan` of the experiment in progress.
+    pub experiment: usize,
+    /// Rounds completed in the experiment in progress.
     pub completed_rounds: u32,
     pub global_model_hash: ModelHash,
     pub schema_hash: String,
@@ -72,8 +80,23 @@ impl StateStore {
         &self.dir
     }
 
-    pub fn model_path(&self, round: Round) -> PathBuf {
-        self.dir.join(state_files::MODELS_DIR).join(global_model_file(round.0))
+    pub fn model_path(&self, experiment: &str, round: Round) -> PathBuf {
+        self.dir.join(state_files::MODELS_DIR).join(experiment).join(global_model_file(round.0))
+    }
+
+    fn features_path(&self, experiment: &str) -> PathBuf {
+        self.dir.join("features").join(format!("{experiment}.json"))
+    }
+
+    /// Keeps a finished experiment's pooled features, so a restart need not collect them again.
+    pub fn save_features(&self, experiment: &str, rows: &[FeatureRow]) -> CoordResult<()> {
+        Ok(atomic_file::write_json(&self.features_path(experiment), &rows)?)
+    }
+
+    pub fn load_features(&self, experiment: &str) -> CoordResult<Vec<FeatureRow>> {
+        let path = self.features_path(experiment);
+        let text = std::fs::read_to_string(&path).map_err(|e| CoordinatorError::Internal(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&text).map_err(|e| CoordinatorError::Internal(format!("{}: {e}", path.display())))
     }
 
     /// The saved run, if the directory holds one.
@@ -99,23 +122,25 @@ impl StateStore {
         Ok(atomic_file::write_json(&self.dir.join(state_files::ROUND_STATE), state)?)
     }
 
-    pub fn save_model(&self, round: Round, model: &ModelState, run_id: &str) -> CoordResult<()> {
+    pub fn save_model(&self, experiment: &str, round: Round, model: &ModelState, run_id: &str) -> CoordResult<()> {
         let meta = HashMap::from([
+            ("experiment".to_string(), experiment.to_string()),
             ("round".to_string(), round.0.to_string()),
             ("run_id".to_string(), run_id.to_string()),
             ("kind".to_string(), "global".to_string()),
         ]);
-        Ok(model.save(&self.model_path(round), &meta)?)
+        Ok(model.save(&self.model_path(experiment, round), &meta)?)
     }
 
     /// Loads the model of `round` and checks it is the version the state recorded.
-    pub fn load_model(&self, round: Round, expected: &ModelHash) -> CoordResult<ModelState> {
-        let (model, _) = ModelState::load(&self.model_path(round))?;
+    pub fn load_model(&self, experiment: &str, round: Round, expected: &ModelHash) -> CoordResult<ModelState> {
+        let path = self.model_path(experiment, round);
+        let (model, _) = ModelState::load(&path)?;
         let got = model.weights_hash();
         if &got != expected {
             return Err(CoordinatorError::Internal(format!(
                 "{}: hashes to {} but round_state.json expects {}",
-                self.model_path(round).display(),
+                path.display(),
                 got.short(),
                 expected.short()
             )));

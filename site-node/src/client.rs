@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use aln_common::cohort::{ManifestRow, Split};
 use tch::Device;
 use aln_common::config::{SiteConfig, TrainingPlan};
+use aln_common::experiment::Experiment;
 use aln_common::constants::{FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::ModelState;
@@ -21,6 +22,15 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::data::SiteData;
 use crate::model::BimodalNet;
 use crate::train;
+
+/// One round's instructions from a train task.
+struct TrainJob {
+    round: u32,
+    total_rounds: u32,
+    hash: ModelHash,
+    plan: TrainingPlan,
+    experiment: Experiment,
+}
 
 /// The network (built from the first global model received), lent to blocking threads.
 struct Slot {
@@ -49,6 +59,7 @@ pub struct Session {
 /// Per-round timings the site keeps in `work_dir/timings.jsonl`.
 #[derive(Debug, Serialize)]
 struct RoundTiming {
+    experiment: String,
     round: u32,
     pull_s: f64,
     train_s: f64,
@@ -118,12 +129,15 @@ impl Session {
             let result = match task.kind {
                 Some(Kind::Train(t)) => {
                     let plan = plan_from_proto(t.plan.as_ref().ok_or_else(|| anyhow!("train task without a plan"))?);
-                    let span = info_span!("round", round = t.round, %site);
-                    self.train_round(&data, &net, t.round, joined.total_rounds, ModelHash(t.model_hash), plan, site_seed, &updates_dir)
-                        .instrument(span)
-                        .await
+                    let experiment = Experiment::try_from(t.experiment.clone().unwrap_or_default())?;
+                    let span = info_span!("round", experiment = %experiment.id, round = t.round, %site);
+                    let job = TrainJob { round: t.round, total_rounds: t.total_rounds, hash: ModelHash(t.model_hash), plan, experiment };
+                    self.train_round(&data, &net, job, site_seed, &updates_dir).instrument(span).await
                 }
-                Some(Kind::Extract(e)) => self.extract(&data, &net, &site, ModelHash(e.model_hash)).await,
+                Some(Kind::Extract(e)) => {
+                    let experiment = Experiment::try_from(e.experiment.unwrap_or_default())?;
+                    self.extract(&data, &net, &site, ModelHash(e.model_hash), &experiment).await
+                }
                 Some(Kind::Wait(w)) => {
                     tokio::time::sleep(Duration::from_millis(u64::from(w.retry_after_ms.max(50)))).await;
                     Ok(())
@@ -170,18 +184,8 @@ impl Session {
         Ok(p.state)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn train_round(
-        &mut self,
-        data: &Arc<SiteData>,
-        net: &SharedNet,
-        round: u32,
-        total_rounds: u32,
-        hash: ModelHash,
-        plan: TrainingPlan,
-        site_seed: u64,
-        updates_dir: &std::path::Path,
-    ) -> Result<()> {
+    async fn train_round(&mut self, data: &Arc<SiteData>, net: &SharedNet, job: TrainJob, site_seed: u64, updates_dir: &std::path::Path) -> Result<()> {
+        let TrainJob { round, total_rounds, hash, plan, experiment } = job;
         let t = Instant::now();
         let global = self.pull(&hash).await?;
         let pull_s = t.elapsed().as_secs_f64();
@@ -190,9 +194,10 @@ impl Session {
             let data = data.clone();
             let global = global.clone();
             let net = net.clone();
+            let experiment = experiment.clone();
             tokio::task::spawn_blocking(move || {
                 let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
-                train::train_round(slot.get(&global)?, &data, &global, &plan, round, total_rounds, site_seed)
+                train::train_round(slot.get(&global)?, &data, &global, &plan, &experiment, round, total_rounds, site_seed)
             })
             .await??
         };
@@ -202,11 +207,12 @@ impl Session {
             ("base_model_hash".to_string(), hash.0.clone()),
             ("sample_count".to_string(), outcome.sample_count.to_string()),
             ("kind".to_string(), "delta".to_string()),
+            ("experiment".to_string(), experiment.id.clone()),
         ]);
         let delta = Arc::new(outcome.delta);
         {
             let delta = delta.clone();
-            let path = updates_dir.join(local_update_file(round));
+            let path = updates_dir.join(&experiment.id).join(local_update_file(round));
             tokio::task::spawn_blocking(move || delta.save(&path, &meta)).await??;
         }
         let t = Instant::now();
@@ -231,25 +237,26 @@ impl Session {
             "{}",
             ack.message
         );
-        let timing = RoundTiming { round, pull_s, train_s: outcome.train_s, push_s, bytes_sent, mean_loss: outcome.mean_loss };
+        let timing = RoundTiming { experiment: experiment.id.clone(), round, pull_s, train_s: outcome.train_s, push_s, bytes_sent, mean_loss: outcome.mean_loss };
         append_jsonl(&self.cfg.site.work_dir.join("timings.jsonl"), &timing)?;
         Ok(())
     }
 
-    async fn extract(&mut self, data: &Arc<SiteData>, net: &SharedNet, site: &SiteId, hash: ModelHash) -> Result<()> {
+    async fn extract(&mut self, data: &Arc<SiteData>, net: &SharedNet, site: &SiteId, hash: ModelHash, experiment: &Experiment) -> Result<()> {
         let global = self.pull(&hash).await?;
         let t = Instant::now();
         let rows = {
             let data = data.clone();
             let site = site.clone();
             let net = net.clone();
+            let experiment = experiment.clone();
             tokio::task::spawn_blocking(move || {
                 let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
-                train::extract_features(slot.get(&global)?, &data, &global, &site, 32)
+                train::extract_features(slot.get(&global)?, &data, &global, &experiment, &site, 32)
             })
             .await??
         };
-        info!(patients = rows.len(), extract_s = format!("{:.2}", t.elapsed().as_secs_f64()), "deep features extracted");
+        info!(experiment = %experiment.id, patients = rows.len(), extract_s = format!("{:.2}", t.elapsed().as_secs_f64()), "deep features extracted");
         let batches: Vec<_> = rows.chunks(FEATURE_ROWS_PER_BATCH).collect();
         for (i, chunk) in batches.iter().enumerate() {
             self.client
@@ -258,6 +265,7 @@ impl Session {
                     rows: chunk.iter().map(pb::FeatureRow::from).collect(),
                     last: i + 1 == batches.len(),
                     batch_index: i as u32,
+                    experiment: experiment.id.clone(),
                 })
                 .await
                 .map_err(|s| anyhow!("features refused: {} ({:?})", s.message(), s.code()))?;

@@ -7,7 +7,8 @@
 //! steps (the paper's directional crops) with random horizontal/vertical flips; evaluation
 //! uses the centred window.
 
-use aln_common::cohort::{ManifestRow, NStage, Roi, Split};
+use aln_common::cohort::{CLINICAL_FEATURES, ManifestRow, NStage, Roi, Split, encode_clinical_reference};
+use aln_common::experiment::InputMode;
 use aln_common::constants::{IMAGENET_MEAN, IMAGENET_STD};
 use anyhow::{Context, Result, bail};
 use image::imageops::FilterType;
@@ -27,6 +28,8 @@ pub struct SiteData {
     us: Vec<u8>,
     swe: Vec<u8>,
     side: i64,
+    /// `N × CLINICAL_FEATURES` clinical inputs centred on the paper's Table 2.
+    clinical: Vec<f32>,
     pub image_size: i64,
 }
 
@@ -72,7 +75,8 @@ impl SiteData {
             us.extend(crop(&r.us_image, r.us_roi, s, i + 1, "us_image")?);
             swe.extend(crop(&r.swe_image, r.swe_roi, s, i + 1, "swe_image")?);
         }
-        Ok(Self { us, swe, side, rows, image_size: s })
+        let clinical = rows.iter().flat_map(|r| encode_clinical_reference(&r.clinical)).collect();
+        Ok(Self { us, swe, side, clinical, rows, image_size: s })
     }
 
     pub fn len(&self) -> usize {
@@ -82,6 +86,29 @@ impl SiteData {
     /// Indices of the patients in `split`.
     pub fn indices(&self, split: Split) -> Vec<usize> {
         (0..self.rows.len()).filter(|&i| self.rows[i].split == Some(split)).collect()
+    }
+
+    /// `[B, CLINICAL_FEATURES]` clinical inputs, or zeros when the experiment does not use them.
+    pub fn clinical(&self, idx: &[usize], used: bool, device: Device) -> Tensor {
+        let k = CLINICAL_FEATURES;
+        let mut v = vec![0f32; idx.len() * k];
+        if used {
+            for (j, &i) in idx.iter().enumerate() {
+                v[j * k..(j + 1) * k].copy_from_slice(&self.clinical[i * k..(i + 1) * k]);
+            }
+        }
+        Tensor::from_slice(&v).view([idx.len() as i64, k as i64]).to_device(device)
+    }
+
+    /// The two trunk inputs for an experiment's input mode: a single-modality control
+    /// feeds its one crop to both passes, keeping the architecture unchanged.
+    pub fn inputs(&self, idx: &[usize], mode: InputMode, rng: Option<&mut StdRng>, device: Device) -> (Tensor, Tensor) {
+        let (us, swe) = self.batch(idx, rng, device);
+        match mode {
+            InputMode::Both => (us, swe),
+            InputMode::UsOnly => (us.shallow_clone(), us),
+            InputMode::SweOnly => (swe.shallow_clone(), swe),
+        }
     }
 
     /// Normalised `(us, swe)` batches `[B, 3, S, S]` on `device`; augmented when `rng` is given.

@@ -2,6 +2,11 @@
 //! the SWE crop, pooled outputs concatenated (2 × 2048), then three Xavier-initialised FC
 //! layers. The penultimate FC output (after ReLU) is the "deep feature" vector.
 //!
+//! The penultimate layer also has [`CLINICAL_FEATURES`] inputs for the clinical variables:
+//! they carry zeros (and so never change) except in the ResNet50+C control, which feeds
+//! clinical variables into the network instead of fusing them in the SVM afterwards. One
+//! architecture thus serves every experiment of the study, from one initial model.
+//!
 //! Tensor names are `trunk.<torchvision key>` and `head.fc{1,2,3}.{weight,bias}`; the
 //! whole `VarStore` — weights *and* BatchNorm running statistics — is exchanged and
 //! averaged, so every site evaluates with the same global normalisation statistics
@@ -10,6 +15,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use aln_common::cohort::CLINICAL_FEATURES;
 use aln_common::constants::{HEAD_LAYERS, HEAD_PREFIX, TRUNK_FEATURES, TRUNK_PREFIX};
 use aln_common::model_state::ModelState;
 use anyhow::{Context, Result, anyhow, bail};
@@ -50,7 +56,7 @@ impl BimodalNet {
         let trunk = Box::new(tch::vision::resnet::resnet50_no_final_layer(&(&root / TRUNK_PREFIX)));
         let head = &root / HEAD_PREFIX;
         let fc1 = xavier_linear(&head / HEAD_LAYERS[0], 2 * TRUNK_FEATURES as i64, dims.hidden);
-        let fc2 = xavier_linear(&head / HEAD_LAYERS[1], dims.hidden, dims.feature);
+        let fc2 = xavier_linear(&head / HEAD_LAYERS[1], dims.hidden + CLINICAL_FEATURES as i64, dims.feature);
         let fc3 = xavier_linear(&head / HEAD_LAYERS[2], dims.feature, dims.classes);
         Self { vs, trunk, fc1, fc2, fc3, dims }
     }
@@ -72,13 +78,14 @@ impl BimodalNet {
         Ok(net)
     }
 
-    /// `(logits, deep_features)` for a batch of US and SWE crops.
-    pub fn forward_t(&self, us: &Tensor, swe: &Tensor, train: bool) -> (Tensor, Tensor) {
+    /// `(logits, deep_features)` for a batch of US and SWE crops and `[B, CLINICAL_FEATURES]`
+    /// clinical inputs (zeros unless the experiment feeds clinical variables to the head).
+    pub fn forward_t(&self, us: &Tensor, swe: &Tensor, clinical: &Tensor, train: bool) -> (Tensor, Tensor) {
         let a = self.trunk.forward_t(us, train);
         let b = self.trunk.forward_t(swe, train);
         let x = Tensor::cat(&[a, b], 1);
         let h = self.fc1.forward(&x).relu().dropout(0.5, train);
-        let deep = self.fc2.forward(&h).relu();
+        let deep = self.fc2.forward(&Tensor::cat(&[h, clinical.shallow_clone()], 1)).relu();
         let logits = self.fc3.forward(&deep);
         (logits, deep)
     }

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use aln_common::cohort::{FeatureRow, Split};
 use aln_common::config::TrainingPlan;
+use aln_common::experiment::Experiment;
 use aln_common::ids::SiteId;
 use aln_common::model_state::ModelState;
 use anyhow::{Result, ensure};
@@ -39,6 +40,7 @@ pub fn train_round(
     data: &SiteData,
     global: &ModelState,
     plan: &TrainingPlan,
+    experiment: &Experiment,
     round: u32,
     total_rounds: u32,
     site_seed: u64,
@@ -59,10 +61,11 @@ pub fn train_round(
         let global_step = u64::from(round - 1) * u64::from(plan.local_steps) + u64::from(step);
         opt.set_lr(learning_rate(plan, global_step, total_steps));
         let idx = sampler.sample(plan.batch_size as usize, &mut rng);
-        let (us, swe) = data.batch(&idx, Some(&mut rng), device);
+        let (us, swe) = data.inputs(&idx, experiment.input, Some(&mut rng), device);
+        let clinical = data.clinical(&idx, experiment.clinical_in_head, device);
         let labels: Vec<i64> = idx.iter().map(|&i| class_of(data.rows[i].n_stage, classes)).collect();
         let y = Tensor::from_slice(&labels).to_device(device);
-        let (logits, _) = net.forward_t(&us, &swe, true);
+        let (logits, _) = net.forward_t(&us, &swe, &clinical, true);
         let loss = logits.cross_entropy_for_logits(&y);
         opt.backward_step(&loss);
         let l = loss.double_value(&[]);
@@ -85,17 +88,29 @@ pub fn train_round(
     })
 }
 
-/// Deep features (eval mode, centred crops) + clinical variables for every patient.
-pub fn extract_features(net: &mut BimodalNet, data: &SiteData, global: &ModelState, site: &SiteId, batch: usize) -> Result<Vec<FeatureRow>> {
+/// Deep features (eval mode, centred crops), the network's own N+ probability and the
+/// clinical variables for every patient.
+pub fn extract_features(
+    net: &mut BimodalNet,
+    data: &SiteData,
+    global: &ModelState,
+    experiment: &Experiment,
+    site: &SiteId,
+    batch: usize,
+) -> Result<Vec<FeatureRow>> {
     net.import(global)?;
     let device: Device = net.vs.device();
     let mut out = Vec::with_capacity(data.len());
     let all: Vec<usize> = (0..data.len()).collect();
     tch::no_grad(|| -> Result<()> {
         for idx in all.chunks(batch.max(1)) {
-            let (us, swe) = data.batch(idx, None, device);
-            let (_, deep) = net.forward_t(&us, &swe, false);
+            let (us, swe) = data.inputs(idx, experiment.input, None, device);
+            let clinical = data.clinical(idx, experiment.clinical_in_head, device);
+            let (logits, deep) = net.forward_t(&us, &swe, &clinical, false);
             let deep = deep.to_device(Device::Cpu).to_kind(Kind::Float);
+            // P(N+) = 1 - P(N0) whether the head has 2 or 3 classes.
+            let p_nplus = logits.softmax(-1, Kind::Float).select(1, 0).neg().g_add_scalar(1.0).to_device(Device::Cpu);
+            let p_nplus = Vec::<f32>::try_from(p_nplus)?;
             for (k, &i) in idx.iter().enumerate() {
                 let row = &data.rows[i];
                 let split = row.split.ok_or_else(|| anyhow::anyhow!("patient {} has no split", row.patient_id))?;
@@ -106,6 +121,7 @@ pub fn extract_features(net: &mut BimodalNet, data: &SiteData, global: &ModelSta
                     n_stage: row.n_stage,
                     clinical: row.clinical.clone(),
                     deep: Vec::<f32>::try_from(deep.get(k as i64))?,
+                    network_score: Some(p_nplus[k].clamp(0.0, 1.0)),
                 });
             }
         }

@@ -74,7 +74,7 @@ async fn bad_updates_are_refused_and_the_round_goes_on() -> anyhow::Result<()> {
         assert!(Instant::now() < deadline, "round never closed: {t:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (next, _) = ModelState::load(&coord.state_dir.join("models/global_r0001.safetensors"))?;
+    let (next, _) = ModelState::load(&coord.state_dir.join("models/main/global_r0001.safetensors"))?;
     for ((n, g), d) in next.data().iter().zip(global.data()).zip(delta_b.data()) {
         assert!((n - (g + d)).abs() < 1e-6, "global {n} != {g} + {d}");
     }

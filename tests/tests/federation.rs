@@ -1,6 +1,7 @@
 //! The walking skeleton, end to end with real processes: synthetic cohort → provisioning →
 //! coordinator + 3 site-node binaries on loopback mTLS → 2 rounds at 32 px → features →
-//! fusion SVM → report.json.
+//! fusion SVM → report.json, for the main model and every control of the study
+//! (US-only, SWE-only, ResNet50+C, leave-one-site-out).
 //!
 //! Checks that (1) each stored global model equals the sample-weighted mean of the deltas
 //! the sites kept of what they sent, recomputed here independently, and (2) the report's
@@ -28,7 +29,10 @@ fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
     let cfg = write_coordinator_config(
         &pki,
         &SITES,
-        &format!("rounds = {ROUNDS}\nmin_sites = 3\n\n[training]\nlocal_steps = 2\nbatch_size = 4\nlearning_rate = 1e-4\nimage_size = 32\nseed = 7\n"),
+        &format!(
+            "rounds = {ROUNDS}\nmin_sites = 3\n\n[training]\nlocal_steps = 2\nbatch_size = 4\nlearning_rate = 1e-4\nimage_size = 32\nseed = 7\n\n\
+             [study]\nleave_one_site_out = true\nmodality_controls = true\nclinical_in_head_control = true\n"
+        ),
     )?;
     let mut coord = CoordinatorProc::start(&cfg)?;
 
@@ -55,16 +59,18 @@ fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
     }
 
     // (1) FedAvg: global_r = global_{r-1} + Σ n_k Δ_k / Σ n_k, from the sites' own copies.
-    let models = coord.state_dir.join("models");
+    let models = coord.state_dir.join("models/main");
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(coord.state_dir.join("round_state.json"))?)?;
-    assert_eq!(state["completed_rounds"], ROUNDS);
+    let history = state["history"].as_array().unwrap();
+    assert_eq!(history.len() as u32, 7 * ROUNDS, "7 experiments × {ROUNDS} rounds");
+    assert!(history[..ROUNDS as usize].iter().all(|h| h["experiment"] == "main"));
     for r in 1..=ROUNDS {
         let (prev, _) = ModelState::load(&models.join(global_model_file(r - 1)))?;
         let (stored, _) = ModelState::load(&models.join(global_model_file(r)))?;
         let mut sum = vec![0f64; prev.numel()];
         let mut total = 0f64;
         for s in SITES {
-            let (delta, meta) = ModelState::load(&root.join(format!("work/{s}/updates/{}", local_update_file(r))))?;
+            let (delta, meta) = ModelState::load(&root.join(format!("work/{s}/updates/main/{}", local_update_file(r))))?;
             assert_eq!(meta["base_model_hash"], prev.weights_hash().0, "{s} round {r} trained from another model");
             assert!(delta.same_schema(&prev));
             let n: f64 = meta["sample_count"].parse()?;
@@ -109,6 +115,26 @@ fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
         assert!((0.0..=1.0).contains(&auc), "{m}: {auc}");
     }
     assert!(report["task2"]["n_test"].as_u64().unwrap() > 0);
+    // The controls: each held-out site never trained in its own leave-one-site-out federation.
+    for s in SITES {
+        let updates = root.join(format!("work/{s}/updates"));
+        assert!(!updates.join(format!("loso-{s}")).exists(), "{s} trained in the federation it is held out of");
+        for other in SITES.iter().filter(|o| **o != s) {
+            assert!(updates.join(format!("loso-{other}")).exists(), "{s} did not train in loso-{other}");
+        }
+    }
+    let loso = report["leave_one_site_out"].as_array().unwrap();
+    assert_eq!(loso.len(), 3);
+    for l in loso {
+        let site = l["held_out"].as_str().unwrap();
+        let n_site = read_manifest(&root.join(format!("cohort/{site}/manifest.csv")))?.len();
+        assert_eq!(l["n_test"].as_u64().unwrap() as usize, n_site, "LOSO tests on all of {site}'s patients");
+    }
+    let methods: Vec<&str> = report["task1"]["methods"].as_array().unwrap().iter().map(|m| m["method"].as_str().unwrap()).collect();
+    for m in ["us_only_clinical", "swe_only_clinical", "resnet50_c"] {
+        assert!(methods.contains(&m), "{m} missing from {methods:?}");
+        assert!(report["task1"]["delong_combined_vs"][m]["p"].as_f64().is_some(), "{m}: no DeLong test");
+    }
     let confusion: u64 = report["task3"]["confusion"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(confusion as usize, expected.len());
     assert!(std::fs::read_to_string(coord.state_dir.join("features.csv"))?.lines().count() == 151);
