@@ -32,6 +32,7 @@ echo "== 2/4 provisioning: consortium CA, coordinator certificate, one startup k
 "$BIN/coordinator" provision --sites "$(IFS=,; echo "${SITES[*]}")" --out "$OUT/pki" 2>"$OUT/logs/provision.log"
 "$BIN/site-node" init-model --out "$OUT/pki/coordinator/initial_model.safetensors" 2>"$OUT/logs/init-model.log"
 cfg="$OUT/pki/coordinator/coordinator.toml"
+sed -i "s/^share_gradcam = .*/share_gradcam = true/" "$OUT"/pki/sites/*/site.toml
 sed -i "s/^leave_one_site_out = .*/leave_one_site_out = $STUDY/; s/^modality_controls = .*/modality_controls = $STUDY/; s/^clinical_in_head_control = .*/clinical_in_head_control = $STUDY/; s/^listen = .*/listen = \"127.0.0.1:0\"/; s/^rounds = .*/rounds = $ROUNDS/; s/^local_steps = .*/local_steps = $STEPS/; s/^batch_size = .*/batch_size = $BATCH/; s/^image_size = .*/image_size = $IMAGE/" "$cfg"
 
 echo "== 3/4 federation: coordinator + ${#SITES[@]} site-nodes on loopback mTLS ($ROUNDS rounds × $STEPS local steps, batch $BATCH, ${IMAGE}px)"

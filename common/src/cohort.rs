@@ -67,7 +67,27 @@ string_enum!(BiRads { B4A => "4A", B4B => "4B", B4C => "4C", B5 => "5" });
 string_enum!(Histology { Idc => "IDC", Ilc => "ILC", Other => "other" });
 string_enum!(Location { UpperOuter => "UOQ", UpperInner => "UIQ", LowerOuter => "LOQ", LowerInner => "LIQ", Central => "central" });
 
+impl From<NStage> for pb::NStage {
+    fn from(n: NStage) -> Self {
+        match n {
+            NStage::N0 => pb::NStage::N0,
+            NStage::N1to2 => pb::NStage::N12,
+            NStage::N3Plus => pb::NStage::N3Plus,
+        }
+    }
+}
+
 impl NStage {
+    /// Parses the wire code; `None` for unspecified or unknown values.
+    pub fn from_proto(code: i32) -> Option<Self> {
+        match pb::NStage::try_from(code) {
+            Ok(pb::NStage::N0) => Some(NStage::N0),
+            Ok(pb::NStage::N12) => Some(NStage::N1to2),
+            Ok(pb::NStage::N3Plus) => Some(NStage::N3Plus),
+            _ => None,
+        }
+    }
+
     /// Class index for the three-class task (0 = N0, 1 = N+(1-2), 2 = N+(≥3)).
     pub fn index(self) -> usize {
         self as usize
@@ -373,11 +393,7 @@ impl From<&FeatureRow> for pb::FeatureRow {
                 Split::Validation => pb::Split::Validation,
                 Split::Test => pb::Split::Test,
             } as i32,
-            n_stage: match r.n_stage {
-                NStage::N0 => pb::NStage::N0,
-                NStage::N1to2 => pb::NStage::N12,
-                NStage::N3Plus => pb::NStage::N3Plus,
-            } as i32,
+            n_stage: pb::NStage::from(r.n_stage) as i32,
             clinical: Some(pb::Clinical {
                 age_years: c.age_years,
                 us_size_mm: c.us_size_mm,
@@ -409,12 +425,7 @@ impl FeatureRow {
             Ok(pb::Split::Test) => Split::Test,
             _ => return Err(bad(format!("unknown split {}", r.split))),
         };
-        let n_stage = match pb::NStage::try_from(r.n_stage) {
-            Ok(pb::NStage::N0) => NStage::N0,
-            Ok(pb::NStage::N12) => NStage::N1to2,
-            Ok(pb::NStage::N3Plus) => NStage::N3Plus,
-            _ => return Err(bad(format!("unknown N stage {}", r.n_stage))),
-        };
+        let n_stage = NStage::from_proto(r.n_stage).ok_or_else(|| bad(format!("unknown N stage {}", r.n_stage)))?;
         if let Some(dim) = expected_dim
             && r.deep.len() != dim {
                 return Err(bad(format!("deep feature has {} values, expected {dim}", r.deep.len())));

@@ -188,6 +188,11 @@ pub struct SiteSection {
     /// Torch intra-op threads (0 = torch's default).
     #[serde(default)]
     pub threads: usize,
+    /// Send Grad-CAM overlays of a few test patients for the report. They are derived from
+    /// images, so this is off unless the site's governance allows it; overlays are always
+    /// kept locally in `work_dir/gradcam/`.
+    #[serde(default)]
+    pub share_gradcam: bool,
 }
 
 fn default_server_name() -> String {

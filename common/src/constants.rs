@@ -11,6 +11,12 @@ pub const MIN_CHUNK_BYTES: usize = 4 << 10;
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
 /// gRPC message ceiling: one chunk plus framing overhead.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 16 << 20;
+/// Grad-CAM overlays a site computes per class (test patients), and the most a site may send.
+pub const GRADCAM_PER_CLASS: usize = 2;
+pub const MAX_GRADCAMS_PER_SITE: usize = 16;
+/// Largest Grad-CAM PNG accepted.
+pub const MAX_GRADCAM_BYTES: usize = 256 << 10;
+
 /// Rows per `FeatureBatch` message.
 pub const FEATURE_ROWS_PER_BATCH: usize = 256;
 

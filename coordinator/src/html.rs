@@ -249,7 +249,26 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
     h
 }
 
-/// Grad-CAM overlays sites chose to share (none until sites send them).
-pub fn collect_gradcam(_state_dir: &std::path::Path) -> Vec<GradCamImage> {
-    Vec::new()
+/// Grad-CAM overlays sites chose to share, from `state/gradcam/<site>/`.
+pub fn collect_gradcam(state_dir: &std::path::Path) -> Vec<GradCamImage> {
+    let mut out = Vec::new();
+    let Ok(sites) = std::fs::read_dir(state_dir.join("gradcam")) else { return out };
+    for site in sites.flatten() {
+        let Ok(files) = std::fs::read_dir(site.path()) else { continue };
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let parts: Vec<&str> = name.trim_end_matches(".png").split("__").collect();
+            if let ([patient, stage, modality], Ok(png)) = (parts.as_slice(), std::fs::read(f.path())) {
+                out.push(GradCamImage {
+                    site: site.file_name().to_string_lossy().into_owned(),
+                    patient_id: patient.to_string(),
+                    n_stage: stage.to_string(),
+                    modality: modality.to_string(),
+                    png,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (&a.site, &a.n_stage, &a.patient_id, &a.modality).cmp(&(&b.site, &b.n_stage, &b.patient_id, &b.modality)));
+    out
 }

@@ -174,6 +174,7 @@ manifest = "data/manifest.csv"          # your local manifest; images never leav
 work_dir = "work"                       # local copies of updates, timings
 device = "auto"                         # auto | cpu | cuda
 threads = 0                             # torch threads (0 = default)
+share_gradcam = false                   # send Grad-CAM overlays of a few test patients for the report
 
 [tls]
 ca = "ca.pem"

@@ -181,7 +181,7 @@ fn pct(p: Option<aln_common::stats::diagnostic::Proportion>) -> String {
 
 fn task_table(s: &mut String, title: &str, t: &TaskEvaluation, sites: &[&String]) {
     let _ = writeln!(s, "{title}: test AUC [95% DeLong CI]; SVMs fitted on {} pooled training patients, {} test", t.n_train, t.n_test);
-    let _ = write!(s, "{:<14} {:<22} {:>5} {:>5} {:>5}", "method", "pooled test", "ACC", "SENS", "SPEC");
+    let _ = write!(s, "{:<18} {:<22} {:>5} {:>5} {:>5}", "method", "pooled test", "ACC", "SENS", "SPEC");
     for site in sites {
         let _ = write!(s, "  {:<22}", format!("{site} test"));
     }
@@ -190,7 +190,7 @@ fn task_table(s: &mut String, title: &str, t: &TaskEvaluation, sites: &[&String]
         let d = m.test.at_threshold;
         let _ = write!(
             s,
-            "{:<14} {:<22} {} {} {}",
+            "{:<18} {:<22} {} {} {}",
             m.method,
             fmt_auc(m.pooled_test()),
             pct(d.map(|d| d.accuracy)),

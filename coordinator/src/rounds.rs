@@ -187,6 +187,10 @@ impl RoundController {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
     pub fn config(&self) -> &CoordinatorConfig {
         &self.cfg
     }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aln_common::aggregate::ModelUpdate;
-use aln_common::cohort::FeatureRow;
-use aln_common::constants::MAX_GRPC_MESSAGE_BYTES;
+use aln_common::cohort::{FeatureRow, NStage};
+use aln_common::constants::{MAX_GRADCAM_BYTES, MAX_GRADCAMS_PER_SITE, MAX_GRPC_MESSAGE_BYTES};
 use aln_common::ids::SiteId;
 use aln_common::tls;
 use aln_common::wire::{ChunkEncoder, PayloadKind, ReceiveLimits, Reassembler};
@@ -19,6 +19,7 @@ use tonic::transport::{Server, ServerTlsConfig};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
+use crate::html::GradCamImage;
 use crate::rounds::{RoundController, TaskDecision};
 use crate::status::{CoordResult, CoordinatorError};
 
@@ -172,9 +173,32 @@ impl Federation for FederationService {
             .map(|r| FeatureRow::from_proto(&site, r, None))
             .collect::<Result<Vec<_>, _>>()
             .map_err(CoordinatorError::from)?;
+        let cams = batch.gradcams.into_iter().map(|g| gradcam_from_proto(&site, g)).collect::<CoordResult<Vec<_>>>()?;
+        if cams.len() > MAX_GRADCAMS_PER_SITE {
+            return Err(CoordinatorError::from(aln_common::Error::MalformedPayload(format!("{} Grad-CAM overlays; at most {MAX_GRADCAMS_PER_SITE}", cams.len()))).into());
+        }
         let n = self.ctl.submit_features(&site, &batch.experiment, rows, batch.batch_index, batch.last)?;
+        for cam in &cams {
+            self.ctl.store().save_gradcam(cam)?;
+        }
         Ok(Response::new(pb::FeatureAck { rows_received: n as u32 }))
     }
+}
+
+/// Checks a shared Grad-CAM overlay: a small PNG, a file-name-safe patient id, a known modality.
+fn gradcam_from_proto(site: &SiteId, g: pb::GradCam) -> CoordResult<GradCamImage> {
+    let bad = |m: String| CoordinatorError::from(aln_common::Error::MalformedPayload(format!("Grad-CAM from {site}: {m}")));
+    if g.png.len() > MAX_GRADCAM_BYTES || !g.png.starts_with(b"\x89PNG\r\n\x1a\n") {
+        return Err(bad(format!("not a PNG of at most {MAX_GRADCAM_BYTES} bytes")));
+    }
+    if g.patient_id.is_empty() || !g.patient_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(bad(format!("patient id {:?} is not file-name safe", g.patient_id)));
+    }
+    if !matches!(g.modality.as_str(), "us" | "swe") {
+        return Err(bad(format!("unknown modality {:?}", g.modality)));
+    }
+    let n_stage = NStage::from_proto(g.n_stage).ok_or_else(|| bad(format!("unknown N stage {}", g.n_stage)))?;
+    Ok(GradCamImage { site: site.to_string(), patient_id: g.patient_id, n_stage: n_stage.to_string(), modality: g.modality, png: g.png })
 }
 
 fn plan_to_proto(p: &aln_common::config::TrainingPlan) -> pb::TrainingPlan {

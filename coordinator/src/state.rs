@@ -84,6 +84,12 @@ impl StateStore {
         self.dir.join(state_files::MODELS_DIR).join(experiment).join(global_model_file(round.0))
     }
 
+    /// Keeps a Grad-CAM overlay a site shared, as `gradcam/<site>/<patient>__<stage>__<modality>.png`.
+    pub fn save_gradcam(&self, g: &crate::html::GradCamImage) -> CoordResult<()> {
+        let name = format!("{}__{}__{}.png", g.patient_id, g.n_stage, g.modality);
+        Ok(atomic_file::write(&self.dir.join("gradcam").join(&g.site).join(name), &g.png)?)
+    }
+
     fn features_path(&self, experiment: &str) -> PathBuf {
         self.dir.join("features").join(format!("{experiment}.json"))
     }

@@ -21,7 +21,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::data::SiteData;
 use crate::model::BimodalNet;
-use crate::train;
+use crate::{gradcam, train};
 
 /// One round's instructions from a train task.
 struct TrainJob {
@@ -250,11 +250,39 @@ impl Session {
             let site = site.clone();
             let net = net.clone();
             let experiment = experiment.clone();
-            tokio::task::spawn_blocking(move || {
+            let cam_dir = self.cfg.site.work_dir.join("gradcam");
+            tokio::task::spawn_blocking(move || -> Result<_> {
                 let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
-                train::extract_features(slot.get(&global)?, &data, &global, &experiment, &site, 32)
+                let net = slot.get(&global)?;
+                let rows = train::extract_features(net, &data, &global, &experiment, &site, 32)?;
+                // Grad-CAM of the paper's model only; kept locally, shared on opt-in.
+                let overlays = if experiment.id == aln_common::experiment::MAIN {
+                    let o = gradcam::overlays(net, &data, &experiment)?;
+                    gradcam::save_locally(&cam_dir, &o)?;
+                    o
+                } else {
+                    vec![]
+                };
+                Ok((rows, overlays))
             })
             .await??
+        };
+        let (rows, overlays) = rows;
+        if !overlays.is_empty() {
+            info!(overlays = overlays.len(), shared = self.cfg.site.share_gradcam, "Grad-CAM overlays written to {}", self.cfg.site.work_dir.join("gradcam").display());
+        }
+        let gradcams: Vec<pb::GradCam> = if self.cfg.site.share_gradcam {
+            overlays
+                .into_iter()
+                .map(|o| pb::GradCam {
+                    patient_id: o.patient_id,
+                    n_stage: pb::NStage::from(o.n_stage) as i32,
+                    modality: o.modality.to_string(),
+                    png: o.png,
+                })
+                .collect()
+        } else {
+            vec![]
         };
         info!(experiment = %experiment.id, patients = rows.len(), extract_s = format!("{:.2}", t.elapsed().as_secs_f64()), "deep features extracted");
         let batches: Vec<_> = rows.chunks(FEATURE_ROWS_PER_BATCH).collect();
@@ -266,6 +294,7 @@ impl Session {
                     last: i + 1 == batches.len(),
                     batch_index: i as u32,
                     experiment: experiment.id.clone(),
+                    gradcams: if i + 1 == batches.len() { gradcams.clone() } else { vec![] },
                 })
                 .await
                 .map_err(|s| anyhow!("features refused: {} ({:?})", s.message(), s.code()))?;

@@ -111,6 +111,23 @@ impl SiteData {
         }
     }
 
+    /// The centred `S×S` crop of patient `i` as RGB bytes (HWC), for overlays.
+    pub fn centred_rgb(&self, i: usize, swe: bool) -> Vec<u8> {
+        let (side, s, m) = (self.side as usize, self.image_size as usize, SHIFT_MARGIN as usize);
+        let len = 3 * side * side;
+        let src = if swe { &self.swe } else { &self.us };
+        let chw = &src[i * len..(i + 1) * len];
+        let mut out = Vec::with_capacity(3 * s * s);
+        for y in 0..s {
+            for x in 0..s {
+                for c in 0..3 {
+                    out.push(chw[c * side * side + (y + m) * side + (x + m)]);
+                }
+            }
+        }
+        out
+    }
+
     /// Normalised `(us, swe)` batches `[B, 3, S, S]` on `device`; augmented when `rng` is given.
     pub fn batch(&self, idx: &[usize], mut rng: Option<&mut StdRng>, device: Device) -> (Tensor, Tensor) {
         let s = self.image_size;

@@ -6,7 +6,9 @@
 
 mod client;
 mod data;
+mod gradcam;
 mod model;
+mod resnet;
 mod synth;
 mod train;
 

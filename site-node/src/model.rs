@@ -18,8 +18,10 @@ use std::path::Path;
 use aln_common::cohort::CLINICAL_FEATURES;
 use aln_common::constants::{HEAD_LAYERS, HEAD_PREFIX, TRUNK_FEATURES, TRUNK_PREFIX};
 use aln_common::model_state::ModelState;
+
+use crate::resnet::Trunk;
 use anyhow::{Context, Result, anyhow, bail};
-use tch::nn::{self, Module, ModuleT};
+use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
 /// Widths of the head: 4096 → hidden → feature → classes.
@@ -32,7 +34,7 @@ pub struct HeadDims {
 
 pub struct BimodalNet {
     pub vs: nn::VarStore,
-    trunk: Box<dyn ModuleT>,
+    trunk: Trunk,
     fc1: nn::Linear,
     fc2: nn::Linear,
     fc3: nn::Linear,
@@ -53,7 +55,7 @@ impl BimodalNet {
     pub fn new(device: Device, dims: HeadDims) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
-        let trunk = Box::new(tch::vision::resnet::resnet50_no_final_layer(&(&root / TRUNK_PREFIX)));
+        let trunk = Trunk::resnet50(&(&root / TRUNK_PREFIX));
         let head = &root / HEAD_PREFIX;
         let fc1 = xavier_linear(&head / HEAD_LAYERS[0], 2 * TRUNK_FEATURES as i64, dims.hidden);
         let fc2 = xavier_linear(&head / HEAD_LAYERS[1], dims.hidden + CLINICAL_FEATURES as i64, dims.feature);
@@ -81,13 +83,37 @@ impl BimodalNet {
     /// `(logits, deep_features)` for a batch of US and SWE crops and `[B, CLINICAL_FEATURES]`
     /// clinical inputs (zeros unless the experiment feeds clinical variables to the head).
     pub fn forward_t(&self, us: &Tensor, swe: &Tensor, clinical: &Tensor, train: bool) -> (Tensor, Tensor) {
-        let a = self.trunk.forward_t(us, train);
-        let b = self.trunk.forward_t(swe, train);
-        let x = Tensor::cat(&[a, b], 1);
+        let a = self.trunk.feature_map(us, train);
+        let b = self.trunk.feature_map(swe, train);
+        self.head(&a, &b, clinical, train)
+    }
+
+    /// The head on the two last-block feature maps: pool, concatenate, three FC layers.
+    fn head(&self, us_map: &Tensor, swe_map: &Tensor, clinical: &Tensor, train: bool) -> (Tensor, Tensor) {
+        let x = Tensor::cat(&[Trunk::pool(us_map), Trunk::pool(swe_map)], 1);
         let h = self.fc1.forward(&x).relu().dropout(0.5, train);
         let deep = self.fc2.forward(&Tensor::cat(&[h, clinical.shallow_clone()], 1)).relu();
         let logits = self.fc3.forward(&deep);
         (logits, deep)
+    }
+
+    /// Grad-CAM (Selvaraju et al. 2017) on the last conv layer of the last residual block,
+    /// for one patient (batch of 1) and the class the network predicts. Returns the class
+    /// and one `[h, w]` map in [0, 1] per modality (US, SWE).
+    pub fn grad_cam(&self, us: &Tensor, swe: &Tensor, clinical: &Tensor) -> Result<(i64, Tensor, Tensor)> {
+        let a = self.trunk.feature_map(us, false);
+        let b = self.trunk.feature_map(swe, false);
+        let (logits, _) = self.head(&a, &b, clinical, false);
+        let class = logits.argmax(-1, false).int64_value(&[0]);
+        let score = logits.select(1, class).sum(Kind::Float);
+        let grads = Tensor::run_backward(&[score], &[&a, &b], false, false);
+        let cam = |map: &Tensor, grad: &Tensor| -> Tensor {
+            let weights = grad.mean_dim([2i64, 3].as_slice(), true, Kind::Float);
+            let c = (map * weights).sum_dim_intlist([1i64].as_slice(), false, Kind::Float).relu().get(0).detach();
+            let max = c.max().double_value(&[]);
+            if max > 0.0 { c / max } else { c }
+        };
+        Ok((class, cam(&a, &grads[0]), cam(&b, &grads[1])))
     }
 
     /// All variables as a canonical model state (sorted names, f32, CPU).

@@ -34,6 +34,9 @@ fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
              [study]\nleave_one_site_out = true\nmodality_controls = true\nclinical_in_head_control = true\n"
         ),
     )?;
+    // Only site-a's governance allows sharing Grad-CAM overlays.
+    let kit = pki.join("sites/site-a/site.toml");
+    std::fs::write(&kit, std::fs::read_to_string(&kit)?.replace("share_gradcam = false", "share_gradcam = true"))?;
     let mut coord = CoordinatorProc::start(&cfg)?;
 
     let mut sites = Vec::new();
@@ -138,6 +141,16 @@ fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
     let confusion: u64 = report["task3"]["confusion"].as_array().unwrap().iter().flat_map(|r| r.as_array().unwrap()).map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(confusion as usize, expected.len());
     assert!(std::fs::read_to_string(coord.state_dir.join("features.csv"))?.lines().count() == 151);
+    // Grad-CAM: computed and kept at every site; only site-a's reach the report.
+    for s in SITES {
+        let local = std::fs::read_dir(root.join(format!("work/{s}/gradcam")))?.count();
+        assert!(local >= 6, "{s}: {local} local Grad-CAM overlays");
+    }
+    let shared: Vec<String> = std::fs::read_dir(coord.state_dir.join("gradcam"))?.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(shared, vec!["site-a".to_string()]);
+    let html = std::fs::read_to_string(coord.state_dir.join("report.html"))?;
+    assert!(html.contains("Grad-CAM") && html.contains("data:image/png;base64,") && html.contains("<svg"), "report.html lacks overlays or ROC plots");
+    assert!(html.contains("Leave-one-site-out"));
     let out = std::fs::read_to_string(pki.join("coordinator/coordinator.out"))?;
     assert!(out.contains("pooled test") && out.contains("combined") && out.contains("Task 3"), "{out}");
     Ok(())
