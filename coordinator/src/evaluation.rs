@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use aln_common::cohort::{ClinicalTask, FeatureRow, NStage, Split};
 use aln_common::fusion::{CvGrid, CvPoint, FeatureSet, FusionSvm, FusionSvmParams, select_by_cv};
 use aln_common::stats::diagnostic::{self, DiagnosticMetrics, Proportion, clopper_pearson};
-use aln_common::stats::{self, AucEstimate, DeLongTest, RocCurve};
+use aln_common::stats::{self, AucEstimate, DeLongTest, HanleyMcNeilTest, RocCurve};
 use serde::Serialize;
 
 /// AUC and threshold metrics of one method on one group of patients.
@@ -66,6 +66,8 @@ pub struct TaskEvaluation {
     pub methods: Vec<MethodResult>,
     /// Paired DeLong test on pooled test patients: combined vs each other method.
     pub delong_combined_vs: BTreeMap<String, DeLongTest>,
+    /// Hanley & McNeil (1983) test of combined vs the axillary US finding, as in the paper.
+    pub hanley_mcneil_combined_vs_axillary_us: Option<HanleyMcNeilTest>,
     pub test_patients: Vec<ScoredPatient>,
 }
 
@@ -219,6 +221,7 @@ pub fn evaluate_task(
         .filter(|(k, _)| k.as_str() != FeatureSet::Combined.name())
         .filter_map(|(k, s)| stats::delong_paired(combined, s, &y_test).ok().map(|t| (k.clone(), t)))
         .collect();
+    let hanley_mcneil_combined_vs_axillary_us = stats::hanley_mcneil_paired(combined, &test_scores[AXILLARY_US], &y_test).ok();
     let test_patients = test
         .iter()
         .enumerate()
@@ -229,7 +232,16 @@ pub fn evaluate_task(
             scores: test_scores.iter().map(|(k, v)| (k.clone(), v[i])).collect(),
         })
         .collect();
-    Ok(TaskEvaluation { task, n_train: train.len(), n_validation: val.len(), n_test: test.len(), methods, delong_combined_vs, test_patients })
+    Ok(TaskEvaluation {
+        task,
+        n_train: train.len(),
+        n_validation: val.len(),
+        n_test: test.len(),
+        methods,
+        delong_combined_vs,
+        hanley_mcneil_combined_vs_axillary_us,
+        test_patients,
+    })
 }
 
 /// External validation of one leave-one-site-out experiment: SVMs fitted on the training

@@ -53,7 +53,17 @@ pub fn roc_svg(title: &str, t: &TaskEvaluation) -> String {
         chart.draw_series(LineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.3)))?;
         for (i, m) in t.methods.iter().enumerate() {
             let (Some(roc), Some(auc)) = (&m.roc_test, m.pooled_test()) else { continue };
-            let color = Palette99::pick(i).to_rgba();
+            const COLORS: [RGBColor; 8] = [
+                RGBColor(214, 39, 40),
+                RGBColor(44, 160, 44),
+                RGBColor(255, 127, 14),
+                RGBColor(31, 119, 180),
+                RGBColor(148, 103, 189),
+                RGBColor(140, 86, 75),
+                RGBColor(227, 119, 194),
+                RGBColor(23, 190, 207),
+            ];
+            let color = COLORS[i % COLORS.len()].to_rgba();
             chart
                 .draw_series(LineSeries::new(roc.fpr.iter().copied().zip(roc.tpr.iter().copied()), color.stroke_width(2)))?
                 .label(format!("{} ({:.3})", m.method, auc.auc))
@@ -80,7 +90,10 @@ fn task_section(h: &mut String, title: &str, t: &TaskEvaluation, sites: &[String
     let _ = writeln!(h, "<table><tr><th>method</th><th>training AUC</th><th>test AUC [95% CI]</th><th>ACC %</th><th>SENS %</th><th>SPEC %</th><th>PPV %</th><th>NPV %</th><th>p vs combined</th></tr>");
     for m in &t.methods {
         let d = m.test.at_threshold;
-        let p = t.delong_combined_vs.get(&m.method).map_or("—".into(), |d| p_cell(d.p));
+        let mut p = t.delong_combined_vs.get(&m.method).map_or("—".into(), |d| p_cell(d.p));
+        if let (true, Some(hm)) = (m.method == crate::evaluation::AXILLARY_US, t.hanley_mcneil_combined_vs_axillary_us) {
+            p = format!("{p} (HM 1983: {})", p_cell(hm.p));
+        }
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",

@@ -205,6 +205,9 @@ fn task_table(s: &mut String, title: &str, t: &TaskEvaluation, sites: &[&String]
     for (k, d) in &t.delong_combined_vs {
         let _ = writeln!(s, "  DeLong combined vs {k}: z = {:.2}, p = {:.4}", d.z, d.p);
     }
+    if let Some(hm) = t.hanley_mcneil_combined_vs_axillary_us {
+        let _ = writeln!(s, "  Hanley-McNeil combined vs axillary_us: r = {:.2}, z = {:.2}, p = {:.4}", hm.r, hm.z, hm.p);
+    }
 }
 
 /// The plain-text table printed at the end of a run.

@@ -4,7 +4,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`roc`] | ROC curve, AUC (Mann-Whitney), DeLong CI and paired test, Hanley & McNeil SE |
+//! | [`roc`] | ROC curve, AUC (Mann-Whitney), DeLong CI and paired test, Hanley & McNeil SE and correlated-AUC test |
 //! | [`diagnostic`] | Youden threshold; accuracy, sensitivity, specificity, PPV, NPV with Clopper-Pearson CIs |
 //! | [`agreement`] | Cohen's kappa with SE and p |
 //! | [`balance`] | Welch t-test, Mann-Whitney U, chi-square test of independence (cohort balance) |
@@ -14,7 +14,10 @@ pub mod balance;
 pub mod diagnostic;
 pub mod roc;
 
-pub use roc::{AucEstimate, DeLongTest, RocCurve, auc, auc_delong, auc_hanley_mcneil, delong_paired, hanley_mcneil_se, roc_curve};
+pub use roc::{
+    AucEstimate, DeLongTest, HanleyMcNeilTest, RocCurve, auc, auc_delong, auc_hanley_mcneil, delong_paired, hanley_mcneil_paired,
+    hanley_mcneil_se, roc_curve,
+};
 
 /// z for a two-sided 95% interval.
 pub const Z_95: f64 = 1.959_963_984_540_054;

@@ -157,6 +157,90 @@ pub fn hanley_mcneil_se(auc: f64, n_positive: usize, n_negative: usize) -> f64 {
     ((a * (1.0 - a) + (np - 1.0) * (q1 - a * a) + (nn - 1.0) * (q2 - a * a)) / (np * nn)).max(0.0).sqrt()
 }
 
+/// Bivariate standard normal CDF `P(X <= h, Y <= k)` with correlation `rho`, by
+/// `∫_{-∞}^{h} φ(x) Φ((k - ρx)/√(1-ρ²)) dx` (composite Simpson, 4000 panels on [-10, h]).
+pub fn bivariate_normal_cdf(h: f64, k: f64, rho: f64) -> f64 {
+    use super::normal_cdf;
+    if rho >= 1.0 - 1e-12 {
+        return normal_cdf(h.min(k));
+    }
+    if rho <= -1.0 + 1e-12 {
+        return (normal_cdf(h) + normal_cdf(k) - 1.0).max(0.0);
+    }
+    let lo = -10.0f64;
+    if h <= lo {
+        return 0.0;
+    }
+    let s = (1.0 - rho * rho).sqrt();
+    let f = |x: f64| (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt() * normal_cdf((k - rho * x) / s);
+    let n = 4000;
+    let step = (h - lo) / n as f64;
+    let mut acc = f(lo) + f(h);
+    for i in 1..n {
+        acc += f(lo + i as f64 * step) * if i % 2 == 1 { 4.0 } else { 2.0 };
+    }
+    acc * step / 3.0
+}
+
+/// Correlation between two AUC estimates from the same cases, given the average AUC and the
+/// average correlation of the two tests' ratings within positives and within negatives
+/// (Hanley & McNeil 1983, Radiology 148:839-843). Their Table 1 tabulates this under an
+/// equal-variance binormal model; here it is computed from that model instead of looked up:
+/// with `a = Φ⁻¹(A)`, positives' latent scores are `N(√2·a, 1)` against `N(0, 1)` negatives,
+/// each positive's placement value is `Φ(X)`, and
+/// `r = [Φ₂(a, a; ρ/2) − Φ(a)²] / [Φ₂(a, a; 1/2) − Φ(a)²]` (the same in negatives by symmetry).
+pub fn hanley_mcneil_area_correlation(avg_auc: f64, avg_rating_corr: f64) -> Result<f64> {
+    if !(0.0..1.0).contains(&avg_auc) || !(-1.0..=1.0).contains(&avg_rating_corr) {
+        return Err(Error::Stats(format!("need 0 <= AUC < 1 and -1 <= r <= 1, got {avg_auc}, {avg_rating_corr}")));
+    }
+    use statrs::distribution::{ContinuousCDF, Normal};
+    let a = Normal::standard().inverse_cdf(avg_auc.max(1e-9));
+    let p = super::normal_cdf(a);
+    let var = bivariate_normal_cdf(a, a, 0.5) - p * p;
+    let cov = bivariate_normal_cdf(a, a, avg_rating_corr / 2.0) - p * p;
+    Ok(if var > 0.0 { (cov / var).clamp(-1.0, 1.0) } else { 0.0 })
+}
+
+/// Result of the Hanley & McNeil (1983) comparison of two correlated AUCs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HanleyMcNeilTest {
+    pub auc_a: f64,
+    pub auc_b: f64,
+    pub se_a: f64,
+    pub se_b: f64,
+    /// Correlation between the two areas.
+    pub r: f64,
+    pub z: f64,
+    pub p: f64,
+}
+
+fn pearson(x: &[f64], y: &[f64]) -> f64 {
+    let (mx, my) = (mean(x), mean(y));
+    let sxy: f64 = x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let sxx: f64 = x.iter().map(|a| (a - mx).powi(2)).sum();
+    let syy: f64 = y.iter().map(|b| (b - my).powi(2)).sum();
+    if sxx == 0.0 || syy == 0.0 { 0.0 } else { sxy / (sxx * syy).sqrt() }
+}
+
+/// Hanley & McNeil (1983): `z = (A1 - A2) / √(SE1² + SE2² - 2·r·SE1·SE2)` with the 1982 SEs
+/// and `r` from [`hanley_mcneil_area_correlation`] of the average AUC and the average Pearson
+/// correlation of the two scores within positives and within negatives.
+pub fn hanley_mcneil_paired(a: &[f64], b: &[f64], labels: &[bool]) -> Result<HanleyMcNeilTest> {
+    if a.len() != b.len() {
+        return Err(Error::Stats("paired scores differ in length".into()));
+    }
+    let ea = auc_hanley_mcneil(a, labels)?;
+    let eb = auc_hanley_mcneil(b, labels)?;
+    let group = |want: bool, s: &[f64]| -> Vec<f64> { s.iter().zip(labels).filter(|(_, l)| **l == want).map(|(v, _)| *v).collect() };
+    let r_pos = pearson(&group(true, a), &group(true, b));
+    let r_neg = pearson(&group(false, a), &group(false, b));
+    let r = hanley_mcneil_area_correlation(((ea.auc + eb.auc) / 2.0).min(0.999_999), (r_pos + r_neg) / 2.0)?;
+    let var = ea.se.powi(2) + eb.se.powi(2) - 2.0 * r * ea.se * eb.se;
+    let diff = ea.auc - eb.auc;
+    let z = if var > 0.0 { diff / var.sqrt() } else { 0.0 };
+    Ok(HanleyMcNeilTest { auc_a: ea.auc, auc_b: eb.auc, se_a: ea.se, se_b: eb.se, r, z, p: two_sided_p(z) })
+}
+
 /// AUC with the Hanley & McNeil standard error and 95% CI.
 pub fn auc_hanley_mcneil(scores: &[f64], labels: &[bool]) -> Result<AucEstimate> {
     let (pos, neg) = split_by_label(scores, labels)?;
@@ -263,6 +347,42 @@ mod tests {
         assert!((trap - a).abs() < 1e-12);
         assert!(auc(&s, &[true; 7]).is_err());
         assert!((super::super::normal_cdf(1.959_963_984_540_054) - 0.975).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bivariate_normal_and_area_correlation_identities() {
+        // Φ₂(0, 0; ρ) = 1/4 + asin(ρ)/(2π) (Sheppard 1899).
+        for rho in [-0.7, 0.0, 0.3, 0.9] {
+            let exact = 0.25 + f64::asin(rho) / (2.0 * std::f64::consts::PI);
+            assert!((bivariate_normal_cdf(0.0, 0.0, rho) - exact).abs() < 1e-9, "rho {rho}");
+        }
+        // Independence factorises.
+        let (h, k) = (0.4, -1.1);
+        let ind = super::super::normal_cdf(h) * super::super::normal_cdf(k);
+        assert!((bivariate_normal_cdf(h, k, 0.0) - ind).abs() < 1e-9);
+        // At A = 0.5 the area correlation is the rank correlation of the latent normals, 6/π·asin(ρ/2).
+        for rho in [0.2, 0.5, 0.8] {
+            let r = hanley_mcneil_area_correlation(0.5, rho).unwrap();
+            assert!((r - 6.0 / std::f64::consts::PI * f64::asin(rho / 2.0)).abs() < 1e-6, "rho {rho}: {r}");
+        }
+        assert!(hanley_mcneil_area_correlation(0.8, 0.0).unwrap().abs() < 1e-9);
+        assert!((hanley_mcneil_area_correlation(0.8, 1.0).unwrap() - 1.0).abs() < 1e-6);
+        // Higher rating correlation → higher area correlation, and r slightly below the rating correlation.
+        let (r1, r2) = (hanley_mcneil_area_correlation(0.85, 0.3).unwrap(), hanley_mcneil_area_correlation(0.85, 0.6).unwrap());
+        assert!(r1 < r2 && r2 < 0.6 && r2 > 0.5);
+    }
+
+    #[test]
+    fn hanley_mcneil_comparison_behaves_like_delong_on_asah() {
+        let Some((y, s100b, wfns, _)) = asah() else { return };
+        let hm = hanley_mcneil_paired(&wfns, &s100b, &y).unwrap();
+        let dl = delong_paired(&wfns, &s100b, &y).unwrap();
+        assert!((hm.auc_a - dl.auc_a).abs() < 1e-12);
+        // Same direction; the binormal approximation lands near DeLong's z = 2.209.
+        assert!(hm.z > 1.0 && hm.z < 3.5, "{hm:?}");
+        // r = 0 reduces to the unpaired comparison of two independent AUCs.
+        let unpaired = (hm.auc_a - hm.auc_b) / (hm.se_a.powi(2) + hm.se_b.powi(2)).sqrt();
+        assert!(hm.r > 0.0 && hm.z > unpaired);
     }
 
     #[test]
