@@ -15,6 +15,7 @@
 //! | [`fusion`] | the clinical-fusion SVM (`FusionSvm`) on deep + clinical features |
 //! | [`tls`] | loading PEMs, building tonic TLS configs, site id from certificates |
 //! | [`config`] | coordinator and site-node TOML configuration |
+//! | [`logging`] | `--log-format text|json` set-up shared by both binaries |
 //! | [`atomic_file`] | temp file + fsync + rename writes |
 //! | [`error`] | typed errors of this crate |
 
@@ -27,6 +28,7 @@ pub mod error;
 pub mod experiment;
 pub mod fusion;
 pub mod ids;
+pub mod logging;
 pub mod model_state;
 pub mod stats;
 pub mod tls;

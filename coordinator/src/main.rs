@@ -11,7 +11,8 @@ use aln_common::config::CoordinatorConfig;
 use aln_common::constants::state_files;
 use aln_common::ids::SiteId;
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use aln_common::logging::LogFormat;
+use clap::{Parser, Subcommand};
 use coordinator::provision::{ProvisionRequest, provision};
 use coordinator::rounds::RoundController;
 use tracing::info;
@@ -24,12 +25,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -106,19 +101,10 @@ enum StatsCommand {
     },
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.with_target(false).init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    aln_common::logging::init(cli.log_format);
     match cli.command {
         Command::Provision { sites, out, names, url } => {
             let mut req = ProvisionRequest::new(sites, out.clone());

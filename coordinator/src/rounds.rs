@@ -418,7 +418,8 @@ impl RoundController {
             Phase::CollectingFeatures { opened } => {
                 let all_done = g.run.experiment >= self.experiments.len();
                 let n = g.features.len();
-                if !all_done && !(n == fed.sites.len() || (opened.elapsed() >= timeout && n >= fed.min_sites)) {
+                let collected = n == fed.sites.len() || (opened.elapsed() >= timeout && n >= fed.min_sites);
+                if !(all_done || collected) {
                     return;
                 }
                 if !all_done {

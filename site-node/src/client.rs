@@ -197,7 +197,8 @@ impl Session {
             let experiment = experiment.clone();
             tokio::task::spawn_blocking(move || {
                 let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
-                train::train_round(slot.get(&global)?, &data, &global, &plan, &experiment, round, total_rounds, site_seed)
+                let job = train::LocalRound { plan: &plan, experiment: &experiment, round, total_rounds, site_seed };
+                train::train_round(slot.get(&global)?, &data, &global, &job)
             })
             .await??
         };

@@ -20,6 +20,7 @@ use aln_common::cohort::{assign_splits, read_manifest};
 use aln_common::config::{DeviceChoice, SiteConfig};
 use aln_common::constants::{DEFAULT_DEEP_FEATURE_DIM, DEFAULT_HIDDEN_DIM};
 use anyhow::{Context, Result, bail};
+use aln_common::logging::LogFormat;
 use clap::{Parser, Subcommand, ValueEnum};
 use tch::Device;
 use tracing::{info, warn};
@@ -34,12 +35,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -115,15 +110,6 @@ enum Command {
     },
 }
 
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => b.with_target(false).init(),
-        LogFormat::Json => b.json().init(),
-    }
-}
-
 fn pick_device(choice: DeviceChoice) -> Result<Device> {
     Ok(match choice {
         DeviceChoice::Cpu => Device::Cpu,
@@ -140,7 +126,7 @@ fn pick_device(choice: DeviceChoice) -> Result<Device> {
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    aln_common::logging::init(cli.log_format);
     match cli.command {
         Command::Synth { sites, patients, seed, image_px, out } => {
             let dirs = synth::generate(&synth::SynthOptions { sites, patients, seed, image_px, out })?;

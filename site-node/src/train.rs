@@ -34,17 +34,19 @@ pub fn learning_rate(plan: &TrainingPlan, global_step: u64, total_steps: u64) ->
     plan.learning_rate * 0.5f64.powi(halvings)
 }
 
+/// What one round of local training is asked to do.
+pub struct LocalRound<'a> {
+    pub plan: &'a TrainingPlan,
+    pub experiment: &'a Experiment,
+    pub round: u32,
+    pub total_rounds: u32,
+    /// Mixed into the sampling seed so sites draw different batches.
+    pub site_seed: u64,
+}
+
 /// Trains `plan.local_steps` Adam steps from `global` and returns the delta.
-pub fn train_round(
-    net: &mut BimodalNet,
-    data: &SiteData,
-    global: &ModelState,
-    plan: &TrainingPlan,
-    experiment: &Experiment,
-    round: u32,
-    total_rounds: u32,
-    site_seed: u64,
-) -> Result<RoundOutcome> {
+pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, job: &LocalRound<'_>) -> Result<RoundOutcome> {
+    let LocalRound { plan, experiment, round, total_rounds, site_seed } = *job;
     let started = Instant::now();
     net.import(global)?;
     let train_idx = data.indices(Split::Train);

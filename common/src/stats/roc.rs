@@ -33,6 +33,13 @@ pub struct AucEstimate {
     pub n_negative: usize,
 }
 
+impl AucEstimate {
+    /// An estimate with its 95% CI `auc ± z·se`, clipped to [0, 1] (pROC's convention).
+    pub fn new(auc: f64, se: f64, n_positive: usize, n_negative: usize) -> Self {
+        Self { auc, se, ci_low: (auc - Z_95 * se).max(0.0), ci_high: (auc + Z_95 * se).min(1.0), n_positive, n_negative }
+    }
+}
+
 /// Result of a paired two-sided DeLong test of two AUCs on the same patients.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DeLongTest {
@@ -118,15 +125,7 @@ pub fn auc_delong(scores: &[f64], labels: &[bool]) -> Result<AucEstimate> {
     let (v10, v01) = structural_components(&pos, &neg);
     let a = mean(&v10);
     let var = cov(&v10, &v10) / pos.len() as f64 + cov(&v01, &v01) / neg.len() as f64;
-    let se = var.max(0.0).sqrt();
-    Ok(AucEstimate {
-        auc: a,
-        se,
-        ci_low: (a - Z_95 * se).max(0.0),
-        ci_high: (a + Z_95 * se).min(1.0),
-        n_positive: pos.len(),
-        n_negative: neg.len(),
-    })
+    Ok(AucEstimate::new(a, var.max(0.0).sqrt(), pos.len(), neg.len()))
 }
 
 /// Paired DeLong test of `AUC(a) - AUC(b)` for two scores of the same patients.
@@ -245,15 +244,7 @@ pub fn hanley_mcneil_paired(a: &[f64], b: &[f64], labels: &[bool]) -> Result<Han
 pub fn auc_hanley_mcneil(scores: &[f64], labels: &[bool]) -> Result<AucEstimate> {
     let (pos, neg) = split_by_label(scores, labels)?;
     let a = mean(&structural_components(&pos, &neg).0);
-    let se = hanley_mcneil_se(a, pos.len(), neg.len());
-    Ok(AucEstimate {
-        auc: a,
-        se,
-        ci_low: (a - Z_95 * se).max(0.0),
-        ci_high: (a + Z_95 * se).min(1.0),
-        n_positive: pos.len(),
-        n_negative: neg.len(),
-    })
+    Ok(AucEstimate::new(a, hanley_mcneil_se(a, pos.len(), neg.len()), pos.len(), neg.len()))
 }
 
 /// Empirical ROC curve at every distinct score.
