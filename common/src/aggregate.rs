@@ -37,6 +37,8 @@ pub struct Expectation<'a> {
     pub global_hash: &'a ModelHash,
     pub round: Round,
     pub max_sample_count: u64,
+    /// Largest accepted L2 norm of the delta.
+    pub max_norm: Option<f64>,
 }
 
 /// Checks an update against the global model: schema, round, base hash, finite values,
@@ -68,6 +70,12 @@ pub fn validate(update: &ModelUpdate, exp: Expectation<'_>) -> Result<()> {
                 "tensor `{}` holds a non-finite value ({}) at element {pos}",
                 spec.name, values[pos]
             )));
+        }
+    }
+    if let Some(bound) = exp.max_norm {
+        let norm = update.delta.data().iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>().sqrt();
+        if norm > bound {
+            return Err(Error::InvalidUpdate(format!("update norm {norm:.4e} exceeds the bound {bound:.4e}")));
         }
     }
     Ok(())
@@ -160,7 +168,7 @@ mod tests {
     fn validation_names_the_problem() {
         let global = small_state(0.0);
         let hash = global.weights_hash();
-        let exp = Expectation { global: &global, global_hash: &hash, round: Round(1), max_sample_count: 1000 };
+        let exp = Expectation { global: &global, global_hash: &hash, round: Round(1), max_sample_count: 1000, max_norm: Some(10.0) };
         let mut u = update("a", 10, global.zeros_like());
         u.base = hash.clone();
         assert!(validate(&u, exp).is_ok());
@@ -181,6 +189,14 @@ mod tests {
         let mut zero = u.clone();
         zero.sample_count = 0;
         assert!(validate(&zero, exp).is_err());
+
+        // ‖(0,0,0,0,6,8,0)‖ = 10 passes the bound of 10; a little more does not.
+        let mut on_bound = u.clone();
+        on_bound.delta.data_mut()[4] = 6.0;
+        on_bound.delta.data_mut()[5] = 8.0;
+        assert!(validate(&on_bound, exp).is_ok());
+        on_bound.delta.data_mut()[5] = 8.01;
+        assert!(validate(&on_bound, exp).unwrap_err().to_string().contains("exceeds the bound"));
 
         let wrong_shape = ModelState::from_named(vec![("a.weight".into(), vec![4], vec![0.0; 4]), ("b.bias".into(), vec![3], vec![0.0; 3])]).unwrap();
         let mut ws = u.clone();

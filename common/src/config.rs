@@ -74,6 +74,13 @@ pub struct FederationSection {
     /// Largest `sample_count` an update may declare.
     #[serde(default = "default_max_samples")]
     pub max_sample_count: u64,
+    /// Largest L2 norm of an update delta; larger updates are refused (none if unset).
+    #[serde(default)]
+    pub max_update_norm: Option<f64>,
+    /// Revoked certificates, as `sha256:<hex>` fingerprints of their DER encoding
+    /// (`coordinator fingerprint --cert FILE` prints one). Takes effect on restart.
+    #[serde(default)]
+    pub denied_certificates: Vec<String>,
 }
 
 fn default_listen() -> String {
@@ -141,6 +148,12 @@ impl CoordinatorConfig {
         }
         if f.min_sites == 0 || f.min_sites > f.sites.len() {
             return Err(config_err(path, &format!("federation.min_sites must be within 1..={}", f.sites.len())));
+        }
+        if f.max_update_norm.is_some_and(|n| !(n.is_finite() && n > 0.0)) {
+            return Err(config_err(path, "federation.max_update_norm must be a positive number"));
+        }
+        if let Some(bad) = f.denied_certificates.iter().find(|d| !crate::tls::is_fingerprint(d)) {
+            return Err(config_err(path, &format!("federation.denied_certificates: {bad:?} is not a sha256:<64 hex digits> fingerprint")));
         }
         if !(MIN_CHUNK_BYTES..=DEFAULT_MAX_CHUNK_BYTES * 16).contains(&f.max_chunk_bytes) {
             return Err(config_err(path, "federation.max_chunk_bytes is out of range"));

@@ -45,6 +45,23 @@ impl TlsFiles {
     }
 }
 
+/// `sha256:<hex>` fingerprint of a DER certificate, the form used in deny-lists.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("sha256:{}", hex::encode(Sha256::digest(der)))
+}
+
+/// Whether `s` has the form `sha256:<64 hex digits>`.
+pub fn is_fingerprint(s: &str) -> bool {
+    s.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The first certificate of a PEM file, as DER.
+pub fn first_pem_certificate(pem: &[u8]) -> Result<Vec<u8>> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem).map_err(|e| Error::Tls(format!("not a PEM certificate: {e}")))?;
+    Ok(p.contents)
+}
+
 /// Common Name of a DER certificate.
 pub fn common_name(der: &[u8]) -> Result<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| Error::Tls(format!("unparsable client certificate: {e}")))?;

@@ -5,6 +5,7 @@
 //! | [`server`] | thin tonic service: certificate → `SiteId`, proto ↔ domain |
 //! | [`rounds`] | the round state machine ([`rounds::RoundController`]) |
 //! | [`state`] | the durable state directory (atomic checkpoints, resume) |
+//! | [`audit`] | append-only JSON-lines audit log |
 //! | [`cohort_table`] | Table 2: training vs test balance tests |
 //! | [`evaluation`] | fusion SVMs on pooled features, pooled and per-site AUCs |
 //! | [`html`] | self-contained `report.html` with plotters ROC curves |
@@ -13,6 +14,7 @@
 //! | [`status`] | errors and their single mapping to gRPC codes |
 //! | [`stats_cli`] | `coordinator stats roc/diag/kappa` on any CSV |
 
+pub mod audit;
 pub mod cohort_table;
 pub mod evaluation;
 pub mod html;

@@ -44,6 +44,24 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Issue a startup kit for one more site from an existing CA (keep the CA key offline otherwise).
+    IssueSite {
+        /// The folder `provision` wrote (holds ca/ca.pem and ca/ca.key).
+        #[arg(long)]
+        pki: PathBuf,
+        #[arg(long)]
+        site: SiteId,
+        #[arg(long, default_value_t = 730, allow_negative_numbers = true)]
+        valid_days: i64,
+        /// URL written into the site config.
+        #[arg(long, default_value = "https://127.0.0.1:50051")]
+        url: String,
+    },
+    /// Print a certificate's sha256 fingerprint, for `federation.denied_certificates`.
+    Fingerprint {
+        #[arg(long)]
+        cert: PathBuf,
+    },
     /// Statistics on any CSV of scores (prints JSON): ROC/DeLong, diagnostic metrics, kappa.
     Stats {
         #[command(subcommand)]
@@ -117,6 +135,16 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Run { config, listen, addr_file } => run(config, listen, addr_file).await,
+        Command::IssueSite { pki, site, valid_days, url } => {
+            let dir = coordinator::provision::issue_site(&pki, &site, valid_days, &url)?;
+            info!("kit for {site} written to {}", dir.display());
+            Ok(())
+        }
+        Command::Fingerprint { cert } => {
+            let pem = std::fs::read(&cert).with_context(|| format!("reading {}", cert.display()))?;
+            println!("{}", aln_common::tls::fingerprint(&aln_common::tls::first_pem_certificate(&pem)?));
+            Ok(())
+        }
         Command::Stats { what } => {
             let value = match what {
                 StatsCommand::Roc { csv, label, positive, scores } => coordinator::stats_cli::roc(&csv, &label, &positive, &scores)?,

@@ -55,7 +55,8 @@ fn params(cn: &str, org: &str, sans: Vec<String>, days: i64) -> Result<Certifica
     dn.push(DnType::OrganizationName, org);
     p.distinguished_name = dn;
     let now = OffsetDateTime::now_utc();
-    p.not_before = now - Duration::hours(1);
+    // A negative validity (tests of expiry) yields a certificate that expired `-days` ago.
+    p.not_before = if days > 0 { now - Duration::hours(1) } else { now - Duration::days(1 - days) };
     p.not_after = now + Duration::days(days);
     Ok(p)
 }
@@ -112,6 +113,28 @@ pub fn provision(req: &ProvisionRequest) -> Result<()> {
     Ok(())
 }
 
+/// Issues one more site kit from an existing CA (a hospital joining later, a re-issued or
+/// short-lived certificate). Reads `PKI/ca/ca.pem` and `PKI/ca/ca.key`; writes `PKI/sites/<site>/`.
+pub fn issue_site(pki: &Path, site: &SiteId, valid_days: i64, coordinator_url: &str) -> Result<PathBuf> {
+    let ca_pem = std::fs::read_to_string(pki.join("ca/ca.pem")).with_context(|| format!("reading {}", pki.join("ca/ca.pem").display()))?;
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca/ca.key")).with_context(|| format!("reading {}", pki.join("ca/ca.key").display()))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
+    let dir = pki.join("sites").join(site.as_str());
+    let key = KeyPair::generate()?;
+    let consortium = "ALN federation";
+    let mut p = params(site.as_str(), consortium, vec![], valid_days)?;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = p.signed_by(&key, &issuer)?;
+    let req = ProvisionRequest { coordinator_url: coordinator_url.to_string(), ..ProvisionRequest::new(vec![site.clone()], pki.to_path_buf()) };
+    write(&dir.join("ca.pem"), &ca_pem)?;
+    write(&dir.join("site.pem"), &cert.pem())?;
+    write(&dir.join("site.key"), &key.serialize_pem())?;
+    write(&dir.join("site.toml"), &site_toml(&req))?;
+    write(&dir.join("README.txt"), &site_readme(site))?;
+    Ok(dir)
+}
+
 fn coordinator_toml(req: &ProvisionRequest) -> String {
     let sites: Vec<String> = req.sites.iter().map(|s| format!("\"{s}\"")).collect();
     let plan = TrainingPlan::default();
@@ -126,6 +149,8 @@ rounds = 3                              # federated rounds
 min_sites = {min}                       # quorum once round_timeout_secs has passed
 round_timeout_secs = 3600
 max_chunk_bytes = 1048576               # largest chunk of a model transfer
+# max_update_norm = 1e4                 # refuse deltas with a larger L2 norm
+denied_certificates = []                # revoked: ["sha256:…"] from `coordinator fingerprint`
 
 [training]                              # the recipe every site follows each round
 local_steps = {steps}

@@ -179,6 +179,10 @@ fn pct(p: Option<aln_common::stats::diagnostic::Proportion>) -> String {
     p.map_or("  n/a".into(), |p| format!("{:5.1}", 100.0 * p.estimate))
 }
 
+fn fmt_p(p: f64) -> String {
+    if p < 1e-4 { "< 0.0001".into() } else { format!("= {p:.4}") }
+}
+
 fn task_table(s: &mut String, title: &str, t: &TaskEvaluation, sites: &[&String]) {
     let _ = writeln!(s, "{title}: test AUC [95% DeLong CI]; SVMs fitted on {} pooled training patients, {} test", t.n_train, t.n_test);
     let _ = write!(s, "{:<18} {:<22} {:>5} {:>5} {:>5}", "method", "pooled test", "ACC", "SENS", "SPEC");
@@ -203,10 +207,10 @@ fn task_table(s: &mut String, title: &str, t: &TaskEvaluation, sites: &[&String]
         let _ = writeln!(s);
     }
     for (k, d) in &t.delong_combined_vs {
-        let _ = writeln!(s, "  DeLong combined vs {k}: z = {:.2}, p = {:.4}", d.z, d.p);
+        let _ = writeln!(s, "  DeLong combined vs {k}: z = {:.2}, p {}", d.z, fmt_p(d.p));
     }
     if let Some(hm) = t.hanley_mcneil_combined_vs_axillary_us {
-        let _ = writeln!(s, "  Hanley-McNeil combined vs axillary_us: r = {:.2}, z = {:.2}, p = {:.4}", hm.r, hm.z, hm.p);
+        let _ = writeln!(s, "  Hanley-McNeil combined vs axillary_us: r = {:.2}, z = {:.2}, p {}", hm.r, hm.z, fmt_p(hm.p));
     }
 }
 

@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::{error, info, info_span, warn};
 
+use crate::audit::AuditLog;
 use crate::report;
 use crate::state::{Contribution, RoundRecord, RunState, STATE_FORMAT_VERSION, StateStore};
 use crate::status::{CoordResult, CoordinatorError};
@@ -81,6 +82,7 @@ struct Inner {
 pub struct RoundController {
     cfg: Arc<CoordinatorConfig>,
     store: StateStore,
+    audit: AuditLog,
     experiments: Vec<Experiment>,
     initial: Arc<ModelState>,
     schema: Arc<Vec<TensorSpec>>,
@@ -137,9 +139,12 @@ impl RoundController {
             return Err(CoordinatorError::Internal(format!("{} does not match the run's model schema", cfg.paths.initial_model.display())));
         }
         let (finished_tx, _) = watch::channel(false);
+        let audit = AuditLog::open(store.dir()).map_err(|e| CoordinatorError::Internal(format!("{}: audit log: {e}", store.dir().display())))?;
+        audit.record("coordinator_start", "coordinator", serde_json::json!({"run_id": run.run_id, "experiment": run.experiment, "completed_rounds": run.completed_rounds, "model_sha256": run.global_model_hash.0}));
         let this = Arc::new(Self {
             schema,
             store,
+            audit,
             experiments,
             initial: Arc::new(initial),
             inner: Mutex::new(Inner {
@@ -185,6 +190,11 @@ impl RoundController {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The audit trail (the server records identity refusals and transfers through it).
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
     }
 
     pub fn store(&self) -> &StateStore {
@@ -246,6 +256,7 @@ impl RoundController {
         if g.joined.insert(site.clone()) {
             info!(%site, "site joined");
         }
+        self.audit.record("join", site.as_str(), serde_json::json!({"run_id": g.run.run_id}));
         JoinInfo { run_id: g.run.run_id.clone(), plan: self.cfg.training, total_rounds: self.cfg.federation.rounds }
     }
 
@@ -291,8 +302,9 @@ impl RoundController {
     }
 
     /// The current global model, if `hash` names it (empty = current).
-    pub fn model_for_pull(&self, hash: &str) -> CoordResult<(Arc<ModelState>, PayloadMeta)> {
+    pub fn model_for_pull(&self, site: &SiteId, hash: &str) -> CoordResult<(Arc<ModelState>, PayloadMeta)> {
         let g = self.lock();
+        self.audit.record("model_pull", site.as_str(), serde_json::json!({"requested": hash, "current_sha256": g.run.global_model_hash.0}));
         if !hash.is_empty() && hash != g.run.global_model_hash.0 {
             return Err(CoordinatorError::ModelNotFound(hash.to_string()));
         }
@@ -331,18 +343,25 @@ impl RoundController {
                 global_hash: &g.run.global_model_hash,
                 round,
                 max_sample_count: self.cfg.federation.max_sample_count,
+                max_norm: self.cfg.federation.max_update_norm,
             };
             let checked = aggregate::validate(&update, exp).and_then(|_| {
                 g.aggregator.as_mut().expect("aggregator of an open round").accumulate(&update)
             });
             match checked {
                 Ok(()) => {
+                    self.audit.record(
+                        "update_accepted",
+                        update.site.as_str(),
+                        serde_json::json!({"experiment": self.experiment(&g).id, "round": round.0, "samples": update.sample_count, "bytes": bytes, "base_model_sha256": update.base.0}),
+                    );
                     g.contributions.push(Contribution { site: update.site.clone(), sample_count: update.sample_count, bytes, receive_s });
                     info!(samples = update.sample_count, bytes, receive_s, "update accepted ({}/{})", g.contributions.len(), self.participants(&g));
                     Ok(round)
                 }
                 Err(e) => {
                     warn!("update rejected: {e}");
+                    self.audit.record("update_rejected", update.site.as_str(), serde_json::json!({"round": round.0, "reason": e.to_string()}));
                     g.rejected.push(format!("{}: {e}", update.site));
                     Err(CoordinatorError::from(e))
                 }
@@ -356,6 +375,7 @@ impl RoundController {
 
     /// Records a site's rejected transfer (bad digest, malformed stream) in the round history.
     pub fn record_rejection(&self, site: &SiteId, reason: &str) {
+        self.audit.record("transfer_rejected", site.as_str(), serde_json::json!({"reason": reason}));
         let mut g = self.lock();
         g.rejected.push(format!("{site}: {reason}"));
     }
@@ -382,6 +402,7 @@ impl RoundController {
             if last {
                 let rows = g.pending_features.remove(site).unwrap_or_default();
                 info!(%site, rows = rows.len(), "features received");
+                self.audit.record("features_received", site.as_str(), serde_json::json!({"experiment": experiment, "rows": rows.len()}));
                 g.features.insert(site.clone(), rows);
             }
             n
@@ -514,6 +535,11 @@ impl RoundController {
         }
         g.run = run;
         g.global = Arc::new(next);
+        self.audit.record(
+            "model_version",
+            "coordinator",
+            serde_json::json!({"experiment": experiment, "round": round.0, "model_sha256": hash.0, "contributors": g.contributions.iter().map(|c| c.site.to_string()).collect::<Vec<_>>()}),
+        );
         info!(model = %hash.short(), sites = g.contributions.len(), duration_s, aggregate_s, checkpoint_s, "round complete");
         self.enter_round_or_features(&mut g, Round(round.0 + 1));
     }

@@ -51,10 +51,17 @@ impl FederationService {
         let certs = req.peer_certs().ok_or(CoordinatorError::NoCertificate)?;
         let leaf = certs.first().ok_or(CoordinatorError::NoCertificate)?;
         let cn = tls::common_name(leaf.as_ref())?;
+        let fingerprint = tls::fingerprint(leaf.as_ref());
+        if self.ctl.config().federation.denied_certificates.iter().any(|d| d.eq_ignore_ascii_case(&fingerprint)) {
+            warn!(common_name = %cn, %fingerprint, "refused a revoked certificate");
+            self.ctl.audit().record("identity_refused", &cn, serde_json::json!({"reason": "certificate is deny-listed", "fingerprint": fingerprint}));
+            return Err(CoordinatorError::NotAdmitted(format!("{cn} (revoked certificate {fingerprint})")));
+        }
         match SiteId::new(cn.clone()) {
             Ok(site) if self.ctl.is_admitted(&site) => Ok(site),
             _ => {
                 warn!(common_name = %cn, "refused a certificate that is not in the consortium");
+                self.ctl.audit().record("identity_refused", &cn, serde_json::json!({"reason": "not a member of federation.sites"}));
                 Err(CoordinatorError::NotAdmitted(cn))
             }
         }
@@ -106,7 +113,7 @@ impl Federation for FederationService {
     async fn pull_model(&self, req: Request<pb::PullRequest>) -> Result<Response<ChunkStream>, Status> {
         let site = self.identify(&req)?;
         let r = req.into_inner();
-        let (model, meta) = self.ctl.model_for_pull(&r.model_hash)?;
+        let (model, meta) = self.ctl.model_for_pull(&site, &r.model_hash)?;
         let chunk = if r.max_chunk_bytes == 0 { self.ctl.config().federation.max_chunk_bytes } else { r.max_chunk_bytes as usize };
         info!(%site, model = %meta.base_model_hash.short(), bytes = model.byte_len(), "model pull");
         let encoder = ChunkEncoder::new(model, meta, chunk);
