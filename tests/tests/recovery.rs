@@ -20,11 +20,10 @@ async fn train_task(c: &mut Client, round: u32) -> anyhow::Result<ModelHash> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let t = c.next_task(pb::TaskRequest {}).await?.into_inner();
-        if let Some(pb::task::Kind::Train(t)) = &t.kind {
-            if t.round == round {
+        if let Some(pb::task::Kind::Train(t)) = &t.kind
+            && t.round == round {
                 return Ok(ModelHash(t.model_hash.clone()));
             }
-        }
         anyhow::ensure!(Instant::now() < deadline, "no train task for round {round}: {t:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -67,7 +66,7 @@ async fn coordinator_crash_loses_no_completed_round() -> anyhow::Result<()> {
 
     let mut coord = CoordinatorProc::start(&cfg)?;
     let ids = [ClientIdentity::site(&pki, "site-a"), ClientIdentity::site(&pki, "site-b")];
-    let mut clients = vec![connect(&coord.addr, &ids[0]).await?, connect(&coord.addr, &ids[1]).await?];
+    let mut clients = [connect(&coord.addr, &ids[0]).await?, connect(&coord.addr, &ids[1]).await?];
     let mut global = initial.clone();
     // Round 1 completes.
     for (k, c) in clients.iter_mut().enumerate() {
@@ -91,7 +90,7 @@ async fn coordinator_crash_loses_no_completed_round() -> anyhow::Result<()> {
     let before: serde_json::Value = serde_json::from_str(&run_id)?;
     assert_eq!(state["run_id"], before["run_id"], "a restart continues the same run");
     assert!(coord.log_text().contains("resuming run"));
-    let mut clients = vec![connect(&coord.addr, &ids[0]).await?, connect(&coord.addr, &ids[1]).await?];
+    let mut clients = [connect(&coord.addr, &ids[0]).await?, connect(&coord.addr, &ids[1]).await?];
     // The interrupted round is redone from the last completed model, then round 3.
     for round in 2..=3 {
         for (k, c) in clients.iter_mut().enumerate() {
