@@ -69,6 +69,10 @@ pub struct FederationSection {
     /// closes as soon as `min_sites` have.
     #[serde(default = "default_round_timeout")]
     pub round_timeout_secs: u64,
+    /// If quorum is still missing this many seconds after `round_timeout_secs`, the run
+    /// fails loudly instead of waiting forever (default: as long as `round_timeout_secs`).
+    #[serde(default)]
+    pub quorum_grace_secs: Option<u64>,
     #[serde(default = "default_chunk")]
     pub max_chunk_bytes: usize,
     /// Largest `sample_count` an update may declare.
@@ -119,6 +123,13 @@ pub struct CoordinatorConfig {
     pub study: crate::experiment::StudyConfig,
     pub paths: CoordinatorPaths,
     pub tls: TlsFiles,
+}
+
+impl FederationSection {
+    /// Seconds after which a round (or feature collection) without quorum fails the run.
+    pub fn give_up_after_secs(&self) -> u64 {
+        self.round_timeout_secs.saturating_add(self.quorum_grace_secs.unwrap_or(self.round_timeout_secs))
+    }
 }
 
 impl CoordinatorConfig {

@@ -431,9 +431,18 @@ impl RoundController {
                     drop(g);
                     let this = self.clone();
                     tokio::task::spawn_blocking(move || this.close_round(round, aggregator, global, opened));
+                } else if opened.elapsed() >= Duration::from_secs(fed.give_up_after_secs()) {
+                    let msg = format!(
+                        "experiment {} round {round}: only {n} of the {} required updates after {} s; no quorum",
+                        self.experiment(&g).id,
+                        fed.min_sites.min(participants),
+                        fed.give_up_after_secs()
+                    );
+                    drop(g);
+                    self.fail(msg);
                 } else if timed_out && !g.quorum_warned {
                     g.quorum_warned = true;
-                    warn!(%round, have = n, need = fed.min_sites, "round timeout passed without quorum; still waiting");
+                    warn!(%round, have = n, need = fed.min_sites, give_up_after_s = fed.give_up_after_secs(), "round timeout passed without quorum; still waiting");
                 }
             }
             Phase::CollectingFeatures { opened } => {
@@ -441,6 +450,11 @@ impl RoundController {
                 let n = g.features.len();
                 let collected = n == fed.sites.len() || (opened.elapsed() >= timeout && n >= fed.min_sites);
                 if !(all_done || collected) {
+                    if opened.elapsed() >= Duration::from_secs(fed.give_up_after_secs()) {
+                        let msg = format!("experiment {}: features from only {n} of {} sites after {} s", self.experiment(&g).id, fed.min_sites, fed.give_up_after_secs());
+                        drop(g);
+                        self.fail(msg);
+                    }
                     return;
                 }
                 if !all_done {
@@ -562,6 +576,7 @@ impl RoundController {
 
     fn fail(&self, message: String) {
         error!("{message}");
+        self.audit.record("run_failed", "coordinator", serde_json::json!({"reason": message}));
         self.lock().phase = Phase::Failed(message);
         let _ = self.finished.send(true);
     }

@@ -49,6 +49,13 @@ async fn bad_updates_are_refused_and_the_round_goes_on() -> anyhow::Result<()> {
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("non-finite"), "{e:?}");
 
+    // 2b. A transfer that breaks off before its trailer (a site dropping mid-upload).
+    let mut truncated = chunks(global.zeros_like(), &base, 10);
+    truncated.pop();
+    let e = a.push_update(tokio_stream::iter(truncated)).await.expect_err("truncated transfer accepted");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("before its trailer"), "{e:?}");
+
     // 3. A tensor of the wrong shape.
     let wrong = ModelState::from_named(vec![
         ("head.fc1.bias".into(), vec![3], vec![0.0; 3]),
@@ -80,12 +87,34 @@ async fn bad_updates_are_refused_and_the_round_goes_on() -> anyhow::Result<()> {
     }
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(coord.state_dir.join("round_state.json"))?)?;
     let rejected = state["history"][0]["rejected"].as_array().unwrap();
-    assert_eq!(rejected.len(), 3, "{rejected:?}");
+    assert_eq!(rejected.len(), 4, "{rejected:?}");
     assert!(rejected.iter().all(|r| r.as_str().unwrap().starts_with("site-a")));
     assert_eq!(state["history"][0]["contributors"][0]["site"], "site-b");
 
     // A late update for the closed round is refused clearly.
     let e = a.push_update(tokio_stream::iter(chunks(global.zeros_like(), &base, 10))).await.expect_err("late update accepted");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_without_quorum_fails_loudly_instead_of_hanging() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = provision(dir.path(), &["site-a", "site-b"])?;
+    let global = tiny_model(2.0);
+    global.save(&pki.join("coordinator/initial_model.safetensors"), &Default::default())?;
+    let cfg = write_coordinator_config(&pki, &["site-a", "site-b"], "rounds = 2\nmin_sites = 2\nround_timeout_secs = 1\nquorum_grace_secs = 1\n")?;
+    let mut coord = CoordinatorProc::start(&cfg)?;
+    let mut a = connect(&coord.addr, &ClientIdentity::site(&pki, "site-a")).await?;
+    a.push_update(tokio_stream::iter(chunks(global.zeros_like(), &global.weights_hash(), 10))).await?;
+    // site-b never reports: after timeout + grace the coordinator gives up with a clear error.
+    let status = coord.wait(Duration::from_secs(60))?;
+    assert!(!status.success(), "the coordinator should fail without quorum");
+    let log = coord.log_text();
+    assert!(log.contains("only 1 of the 2 required updates"), "{log}");
+    let audit = std::fs::read_to_string(coord.state_dir.join("audit.jsonl"))?;
+    assert!(audit.contains("run_failed"));
+    // Round 0's model is intact for a later resume.
+    assert!(coord.state_dir.join("models/main/global_r0000.safetensors").exists());
     Ok(())
 }
