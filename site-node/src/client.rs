@@ -23,6 +23,15 @@ use crate::data::SiteData;
 use crate::model::BimodalNet;
 use crate::{gradcam, train};
 
+/// Tries per model transfer before a task fails.
+const TRANSFER_ATTEMPTS: u32 = 3;
+
+/// Transfer failures worth re-sending: the network or the stream broke, not a refusal.
+fn transient(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(s.code(), Code::Unavailable | Code::Aborted | Code::DataLoss | Code::Cancelled | Code::Unknown | Code::DeadlineExceeded)
+}
+
 /// One round's instructions from a train task.
 struct TrainJob {
     round: u32,
@@ -162,7 +171,23 @@ impl Session {
         }
     }
 
+    /// Downloads a model, re-trying a broken transfer.
     async fn pull(&mut self, hash: &ModelHash) -> Result<ModelState> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.pull_once(hash).await {
+                Ok(m) => return Ok(m),
+                Err(e) if attempt < TRANSFER_ATTEMPTS => {
+                    warn!(attempt, "model download failed ({e:#}); retrying");
+                    tokio::time::sleep(Duration::from_millis(500 * attempt as u64)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn pull_once(&mut self, hash: &ModelHash) -> Result<ModelState> {
         let mut stream = self
             .client
             .pull_model(pb::PullRequest { model_hash: hash.0.clone(), max_chunk_bytes: 0 })
@@ -217,18 +242,22 @@ impl Session {
             tokio::task::spawn_blocking(move || delta.save(&path, &meta)).await??;
         }
         let t = Instant::now();
-        let encoder = ChunkEncoder::new(
-            delta.clone(),
-            PayloadMeta { kind: PayloadKind::Delta, round: Round(round), base_model_hash: hash, sample_count: outcome.sample_count },
-            0,
-        );
+        let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(round), base_model_hash: hash, sample_count: outcome.sample_count };
         let bytes_sent = delta.byte_len() as u64;
-        let ack = self
-            .client
-            .push_update(tokio_stream::iter(encoder))
-            .await
-            .map_err(|s| anyhow!("update for round {round} refused: {} ({:?})", s.message(), s.code()))?
-            .into_inner();
+        // A broken transfer is re-sent (the same delta, no retraining); a refusal is final.
+        let mut attempt = 0;
+        let ack = loop {
+            attempt += 1;
+            let encoder = ChunkEncoder::new(delta.clone(), meta.clone(), 0);
+            match self.client.push_update(tokio_stream::iter(encoder)).await {
+                Ok(ack) => break ack.into_inner(),
+                Err(s) if attempt < TRANSFER_ATTEMPTS && transient(&s) => {
+                    warn!(attempt, "upload of round {round} broke off ({:?}: {}); re-sending", s.code(), s.message());
+                    tokio::time::sleep(Duration::from_millis(500 * attempt as u64)).await;
+                }
+                Err(s) => bail!("update for round {round} refused: {} ({:?})", s.message(), s.code()),
+            }
+        };
         let push_s = t.elapsed().as_secs_f64();
         info!(
             train_s = format!("{:.2}", outcome.train_s),

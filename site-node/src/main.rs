@@ -250,9 +250,28 @@ async fn run(cfg: SiteConfig, patience: Duration) -> Result<()> {
     info!(patients = rows.len(), ?device, manifest = %cfg.site.manifest.display(), "local data found; images stay on this machine");
     let session = client::Session::connect(cfg, patience).await?;
     // The crop size comes from the coordinator's plan, so the data is loaded after joining.
-    session.run(device, rows).await.map(|summary| {
-        if !summary.is_empty() {
-            info!("run summary:\n{summary}");
+    tokio::select! {
+        done = session.run(device, rows) => done.map(|summary| {
+            if !summary.is_empty() {
+                info!("run summary:\n{summary}");
+            }
+        }),
+        _ = shutdown_signal() => {
+            // Everything kept locally was written atomically; the coordinator keeps the
+            // round open, so a restarted site-node simply picks up its task again.
+            info!("stopping on signal; restart with the same command to rejoin the run");
+            Ok(())
         }
-    })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -1,0 +1,86 @@
+//! A hospital's node crashes (`kill -9`) in the middle of local training and is restarted
+//! with the same command: it rejoins, trains the still-open round from the current global
+//! model, and the run completes. A site stopped with SIGTERM exits cleanly.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aln_e2e::*;
+
+const SITES: [&str; 2] = ["site-a", "site-b"];
+
+fn start_site(root: &std::path::Path, pki: &std::path::Path, url: &str, s: &str, log_name: &str) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(root.join(log_name))?;
+    Ok(Command::new(bin("site-node"))
+        .args(["run", "--threads", "1", "--device", "cpu", "--coordinator", url, "--config"])
+        .arg(pki.join(format!("sites/{s}/site.toml")))
+        .arg("--manifest")
+        .arg(root.join(format!("cohort/{s}/manifest.csv")))
+        .arg("--work-dir")
+        .arg(root.join(format!("work/{s}")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()?)
+}
+
+fn wait_for_log(path: &std::path::Path, needle: &str, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(path).unwrap_or_default().contains(needle) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    anyhow::bail!("{} never said {needle:?}", path.display())
+}
+
+#[test]
+fn a_site_killed_mid_training_rejoins_and_the_run_completes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    run_ok(Command::new(bin("site-node")).args(["synth", "--sites", "2", "--patients", "80", "--image-px", "64", "--seed", "5", "--out"]).arg(root.join("cohort")))?;
+    let pki = provision(root, &SITES)?;
+    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "32", "--feature-dim", "8", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    let cfg = write_coordinator_config(
+        &pki,
+        &SITES,
+        "rounds = 2\nmin_sites = 2\n\n[training]\nlocal_steps = 6\nbatch_size = 4\nlearning_rate = 1e-4\nimage_size = 32\nseed = 3\n",
+    )?;
+    let mut coord = CoordinatorProc::start(&cfg)?;
+    let mut b = start_site(root, &pki, &coord.url(), "site-b", "site-b.log")?;
+    let mut a = start_site(root, &pki, &coord.url(), "site-a", "site-a.log")?;
+    // Kill site-a with SIGKILL once it is inside round 1's local training.
+    wait_for_log(&root.join("site-a.log"), "local step", Duration::from_secs(120))?;
+    a.kill()?;
+    a.wait()?;
+    assert!(!root.join("work/site-a/updates/main/local_r0001.safetensors").exists(), "killed before it could send");
+    // Restart with the same command.
+    let mut a = start_site(root, &pki, &coord.url(), "site-a", "site-a.restarted.log")?;
+    let status = coord.wait(Duration::from_secs(600))?;
+    assert!(status.success(), "coordinator failed:\n{}", coord.log_text());
+    for (name, child) in [("site-a", &mut a), ("site-b", &mut b)] {
+        assert!(wait_child(child, Duration::from_secs(60), name)?.success(), "{name} failed");
+    }
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(coord.state_dir.join("round_state.json"))?)?;
+    let round1: Vec<&str> = state["history"][0]["contributors"].as_array().unwrap().iter().map(|c| c["site"].as_str().unwrap()).collect();
+    assert!(round1.contains(&"site-a") && round1.contains(&"site-b"), "{round1:?}");
+    assert!(root.join("work/site-a/updates/main/local_r0002.safetensors").exists());
+    assert!(coord.state_dir.join("report.json").exists());
+    Ok(())
+}
+
+#[test]
+fn sigterm_stops_a_coordinator_cleanly_and_it_resumes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = provision(dir.path(), &SITES)?;
+    tiny_model(1.5).save(&pki.join("coordinator/initial_model.safetensors"), &Default::default())?;
+    let cfg = write_coordinator_config(&pki, &SITES, "rounds = 2\nmin_sites = 2\n")?;
+    let mut coord = CoordinatorProc::start(&cfg)?;
+    run_ok(Command::new("kill").args(["-TERM", &coord.child.id().to_string()]))?;
+    let status = coord.wait(Duration::from_secs(30))?;
+    assert!(status.success(), "SIGTERM should stop the coordinator cleanly:\n{}", coord.log_text());
+    assert!(coord.log_text().contains("shutdown signal"));
+    let again = CoordinatorProc::start(&cfg)?;
+    assert!(again.log_text().contains("resuming run"), "{}", again.log_text());
+    Ok(())
+}
