@@ -1,13 +1,15 @@
 //! Mutual TLS for the federation, in a few lines on top of tonic's rustls support.
 //!
 //! Every party holds a certificate signed by the consortium CA (see `coordinator provision`).
-//! The coordinator requires a client certificate chained to that CA; the site id is the
-//! certificate's Common Name ([`site_id_from_der`]), never a field the site types.
+//! The coordinator accepts TLS 1.3 only and requires a client certificate chained to that CA
+//! ([`TlsFiles::tls13_acceptor`]); the site id is the certificate's Common Name
+//! ([`site_id_from_der`]), never a field the site types. Revoked certificates are named by
+//! their [`fingerprint`] in the coordinator's deny-list.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::error::{Error, Result};
 use crate::ids::SiteId;
@@ -30,11 +32,31 @@ impl TlsFiles {
         std::fs::read(path).map_err(|e| Error::Tls(format!("cannot read {what} {}: {e}", path.display())))
     }
 
-    /// Server side: present our identity, require clients signed by the CA.
-    pub fn server_config(&self) -> Result<ServerTlsConfig> {
-        let identity = Identity::from_pem(Self::read(&self.cert, "certificate")?, Self::read(&self.key, "private key")?);
-        let ca = Certificate::from_pem(Self::read(&self.ca, "CA certificate")?);
-        Ok(ServerTlsConfig::new().identity(identity).client_ca_root(ca))
+    /// Server side, as the coordinator uses it: **TLS 1.3 only**, a client certificate
+    /// chained to the consortium CA required (rustls' WebPKI verifier also refuses expired
+    /// certificates), HTTP/2 negotiated by ALPN.
+    pub fn tls13_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor> {
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|it| it.collect::<std::result::Result<_, _>>())
+            .map_err(|e| Error::Tls(format!("certificate {}: {e}", self.cert.display())))?;
+        let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| Error::Tls(format!("private key {}: {e}", self.key.display())))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(&self.ca).map_err(|e| Error::Tls(format!("CA certificate {}: {e}", self.ca.display())))? {
+            roots.add(ca.map_err(|e| Error::Tls(format!("CA certificate {}: {e}", self.ca.display())))?).map_err(|e| Error::Tls(e.to_string()))?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .build()
+            .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(certs, key)
+            .map_err(|e| Error::Tls(format!("{}: {e}", self.cert.display())))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
     }
 
     /// Client side: trust only the CA, present our identity, expect `server_name`.

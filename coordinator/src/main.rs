@@ -162,7 +162,7 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
     if let Some(l) = listen {
         cfg.federation.listen = l;
     }
-    let tls = cfg.tls.server_config()?;
+    let tls = cfg.tls.tls13_acceptor()?;
     let listener = tokio::net::TcpListener::bind(&cfg.federation.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cfg.federation.listen))?;

@@ -13,9 +13,10 @@ use aln_common::tls;
 use aln_common::wire::{ChunkEncoder, PayloadKind, ReceiveLimits, Reassembler};
 use aln_proto::{self as pb, PROTO_VERSION, federation_server::{Federation, FederationServer}};
 use prost::Message;
-use tokio::net::TcpListener;
-use tokio_stream::{Stream, wrappers::TcpListenerStream};
-use tonic::transport::{Server, ServerTlsConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio_stream::Stream;
+use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
@@ -23,23 +24,56 @@ use crate::html::GradCamImage;
 use crate::rounds::{RoundController, TaskDecision};
 use crate::status::{CoordResult, CoordinatorError};
 
-/// Serves the federation on `listener` until `shutdown` resolves.
+/// Serves the federation on `listener` until `shutdown` resolves. Every connection must
+/// complete a TLS 1.3 handshake with a client certificate from the consortium CA
+/// (`tls`, see [`aln_common::tls::TlsFiles::tls13_acceptor`]) before gRPC sees it.
 pub async fn run(
     listener: TcpListener,
-    tls: ServerTlsConfig,
+    tls: TlsAcceptor,
     controller: Arc<RoundController>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let service = FederationServer::new(FederationService { ctl: controller })
+    let service = FederationServer::new(FederationService { ctl: controller.clone() })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    Server::builder()
-        .tls_config(tls)?
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
+    // Handshakes run in their own tasks so a slow or hostile peer cannot stall the others.
+    let acceptor = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (tls, tx, ctl) = (tls.clone(), tx.clone(), controller.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        warn!(%peer, "TLS handshake refused: {e}");
+                        ctl.audit().record("tls_refused", &peer.to_string(), serde_json::json!({"reason": e.to_string()}));
+                    }
+                    Err(_) => warn!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let served = Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
+        .await;
+    acceptor.abort();
+    served?;
     Ok(())
 }
+
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub struct FederationService {
     ctl: Arc<RoundController>,

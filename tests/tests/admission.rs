@@ -69,6 +69,29 @@ async fn only_consortium_certificates_are_admitted() -> anyhow::Result<()> {
     let mut z = connect(&coord.addr, &ClientIdentity::site(&pki, "site-z")).await?;
     assert_eq!(join(&mut z).await?.site_id, "site-z");
 
+    // TLS 1.3 only: a valid member certificate over TLS 1.2 is refused; over 1.3 it connects.
+    if let Ok(v) = std::process::Command::new("openssl").arg("version").output() {
+        if v.status.success() {
+            let kit = pki.join("sites/site-a");
+            let handshake = |version: &str| -> anyhow::Result<bool> {
+                let out = std::process::Command::new("openssl")
+                    .args(["s_client", "-connect", &coord.addr, version, "-alpn", "h2", "-servername", "coordinator", "-brief"])
+                    .arg("-cert")
+                    .arg(kit.join("site.pem"))
+                    .arg("-key")
+                    .arg(kit.join("site.key"))
+                    .arg("-CAfile")
+                    .arg(kit.join("ca.pem"))
+                    .stdin(std::process::Stdio::null())
+                    .output()?;
+                let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+                Ok(text.contains("Protocol version: TLSv1.3") || text.contains("CONNECTION ESTABLISHED"))
+            };
+            assert!(handshake("-tls1_3")?, "a TLS 1.3 handshake with a member certificate should succeed");
+            assert!(!handshake("-tls1_2")?, "TLS 1.2 must be refused");
+        }
+    }
+
     // Every refusal the coordinator saw is in the audit trail.
     let audit = std::fs::read_to_string(coord.state_dir.join("audit.jsonl"))?;
     let refused: Vec<serde_json::Value> =
@@ -76,5 +99,6 @@ async fn only_consortium_certificates_are_admitted() -> anyhow::Result<()> {
     assert!(refused.iter().any(|v| v["who"] == "site-x"));
     assert!(refused.iter().any(|v| v["who"] == "site-b" && v["reason"].as_str().unwrap().contains("deny-listed")));
     assert!(audit.contains("\"event\":\"join\""));
+    assert!(audit.contains("tls_refused"), "handshake refusals are audited");
     Ok(())
 }
