@@ -81,6 +81,9 @@ pub struct FederationSection {
     /// Largest L2 norm of an update delta; larger updates are refused (none if unset).
     #[serde(default)]
     pub max_update_norm: Option<f64>,
+    /// Certificate Common Names allowed to use the Admin service (status, stop); never sites.
+    #[serde(default = "default_admins")]
+    pub admins: Vec<String>,
     /// Revoked certificates, as `sha256:<hex>` fingerprints of their DER encoding
     /// (`coordinator fingerprint --cert FILE` prints one). Takes effect on restart.
     #[serde(default)]
@@ -89,6 +92,9 @@ pub struct FederationSection {
 
 fn default_listen() -> String {
     format!("127.0.0.1:{DEFAULT_PORT}")
+}
+fn default_admins() -> Vec<String> {
+    vec!["admin".into()]
 }
 fn default_round_timeout() -> u64 {
     3600
@@ -153,6 +159,9 @@ impl CoordinatorConfig {
         sorted.dedup();
         if sorted.len() != f.sites.len() {
             return Err(config_err(path, "federation.sites lists a site twice"));
+        }
+        if let Some(a) = f.admins.iter().find(|a| f.sites.iter().any(|s| s.as_str() == a.as_str())) {
+            return Err(config_err(path, &format!("federation.admins: {a:?} is also a site; an identity is either a site or an admin")));
         }
         if f.rounds == 0 {
             return Err(config_err(path, "federation.rounds must be at least 1"));

@@ -62,6 +62,24 @@ enum Command {
         #[arg(long)]
         cert: PathBuf,
     },
+    /// Print the run's state as JSON (needs the admin kit written by `provision`).
+    Status {
+        /// Folder with ca.pem, admin.pem, admin.key.
+        #[arg(long)]
+        kit: PathBuf,
+        /// Coordinator address, e.g. 127.0.0.1:50051.
+        #[arg(long)]
+        addr: String,
+    },
+    /// Stop the coordinator gracefully (needs the admin kit); a restart resumes the run.
+    Stop {
+        #[arg(long)]
+        kit: PathBuf,
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value = "operator request")]
+        reason: String,
+    },
     /// Statistics on any CSV of scores (prints JSON): ROC/DeLong, diagnostic metrics, kappa.
     Stats {
         #[command(subcommand)]
@@ -145,6 +163,19 @@ async fn main() -> Result<()> {
             println!("{}", aln_common::tls::fingerprint(&aln_common::tls::first_pem_certificate(&pem)?));
             Ok(())
         }
+        Command::Status { kit, addr } => {
+            let mut admin = admin_client(&kit, &addr).await?;
+            let reply = admin.status(aln_proto::StatusRequest {}).await.map_err(|s| anyhow::anyhow!("status refused: {} ({:?})", s.message(), s.code()))?;
+            let value: serde_json::Value = serde_json::from_str(&reply.into_inner().json)?;
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+        Command::Stop { kit, addr, reason } => {
+            let mut admin = admin_client(&kit, &addr).await?;
+            let reply = admin.stop(aln_proto::StopRequest { reason }).await.map_err(|s| anyhow::anyhow!("stop refused: {} ({:?})", s.message(), s.code()))?;
+            println!("{}", reply.into_inner().message);
+            Ok(())
+        }
         Command::Stats { what } => {
             let value = match what {
                 StatsCommand::Roc { csv, label, positive, scores } => coordinator::stats_cli::roc(&csv, &label, &positive, &scores)?,
@@ -198,6 +229,7 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
         let ctl = ctl.clone();
         async move {
             let mut finished = ctl.finished();
+            let mut stop = ctl.stop_requested();
             tokio::select! {
                 _ = async { finished.wait_for(|f| *f).await.is_ok() } => {
                     // Let sites collect their "done" before closing the door.
@@ -207,6 +239,7 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
                     }
                 }
                 _ = shutdown_signal() => info!("shutdown signal: stopping; completed rounds are on disk"),
+                _ = async { stop.wait_for(|s| *s).await.is_ok() } => info!("admin stop: stopping; completed rounds are on disk"),
             }
         }
     };
@@ -221,6 +254,17 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
         println!("report: {}", report.display());
     }
     Ok(())
+}
+
+/// An Admin client over mTLS with the operator's kit.
+async fn admin_client(kit: &std::path::Path, addr: &str) -> Result<aln_proto::admin_client::AdminClient<tonic::transport::Channel>> {
+    let files = aln_common::tls::TlsFiles { ca: kit.join("ca.pem"), cert: kit.join("admin.pem"), key: kit.join("admin.key") };
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(files.client_config("coordinator")?)?
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the coordinator at {addr}"))?;
+    Ok(aln_proto::admin_client::AdminClient::new(channel))
 }
 
 async fn shutdown_signal() {

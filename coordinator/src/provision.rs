@@ -6,6 +6,7 @@
 //! ```text
 //! OUT/ca/ca.pem, ca.key                       keep ca.key offline
 //! OUT/coordinator/ca.pem, coordinator.pem, coordinator.key, coordinator.toml
+//! OUT/admin/ca.pem, admin.pem, admin.key       the operator's identity for status / stop
 //! OUT/sites/<site>/ca.pem, site.pem, site.key, site.toml, README.txt
 //! ```
 
@@ -97,6 +98,17 @@ pub fn provision(req: &ProvisionRequest) -> Result<()> {
     write(&coord_dir.join("coordinator.key"), &key.serialize_pem())?;
     write(&coord_dir.join("coordinator.toml"), &coordinator_toml(req))?;
 
+    // The operator's admin identity (status, stop).
+    let admin_dir = req.out.join("admin");
+    let key = KeyPair::generate()?;
+    let mut p = params("admin", &req.consortium, vec![], req.valid_days)?;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = p.signed_by(&key, &issuer)?;
+    write(&admin_dir.join("ca.pem"), &ca_pem)?;
+    write(&admin_dir.join("admin.pem"), &cert.pem())?;
+    write(&admin_dir.join("admin.key"), &key.serialize_pem())?;
+
     for site in &req.sites {
         let dir = req.out.join("sites").join(site.as_str());
         let key = KeyPair::generate()?;
@@ -151,6 +163,7 @@ round_timeout_secs = 3600
 max_chunk_bytes = 1048576               # largest chunk of a model transfer
 # max_update_norm = 1e4                 # refuse deltas with a larger L2 norm
 denied_certificates = []                # revoked: ["sha256:…"] from `coordinator fingerprint`
+admins = ["admin"]                      # Common Names allowed to read status and stop the run
 
 [training]                              # the recipe every site follows each round
 local_steps = {steps}

@@ -88,6 +88,7 @@ pub struct RoundController {
     schema: Arc<Vec<TensorSpec>>,
     inner: Mutex<Inner>,
     finished: watch::Sender<bool>,
+    stop: watch::Sender<bool>,
 }
 
 impl RoundController {
@@ -163,6 +164,7 @@ impl RoundController {
                 quorum_warned: false,
             }),
             finished: finished_tx,
+            stop: watch::channel(false).0,
             cfg,
         });
         {
@@ -584,6 +586,39 @@ impl RoundController {
     /// The results table of a finished run (empty before).
     pub fn summary(&self) -> String {
         self.lock().summary.clone()
+    }
+
+    /// An operator asked the coordinator to stop (Admin.Stop).
+    pub fn request_stop(&self, who: &str, reason: &str) {
+        warn!(%who, %reason, "stop requested by an admin");
+        self.audit.record("admin_stop", who, serde_json::json!({"reason": reason}));
+        let _ = self.stop.send(true);
+    }
+
+    /// Resolves to `true` once a stop was requested.
+    pub fn stop_requested(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// The run's state for `coordinator status`.
+    pub fn status_json(&self) -> serde_json::Value {
+        let progress = self.describe();
+        let g = self.lock();
+        serde_json::json!({
+            "run_id": g.run.run_id,
+            "progress": progress,
+            "experiments": g.run.plan,
+            "experiment_index": g.run.experiment,
+            "completed_rounds_in_experiment": g.run.completed_rounds,
+            "rounds_per_experiment": self.cfg.federation.rounds,
+            "global_model_sha256": g.run.global_model_hash.0,
+            "sites_configured": self.cfg.federation.sites,
+            "sites_joined": g.joined,
+            "updates_this_round": g.contributions.iter().map(|c| c.site.to_string()).collect::<Vec<_>>(),
+            "rejected_this_round": g.rejected,
+            "rounds_completed_total": g.run.history.len(),
+            "failed": matches!(g.phase, Phase::Failed(_)),
+        })
     }
 
     /// A snapshot for logs and the demo's progress lines.

@@ -11,7 +11,11 @@ use aln_common::constants::{MAX_GRADCAM_BYTES, MAX_GRADCAMS_PER_SITE, MAX_GRPC_M
 use aln_common::ids::SiteId;
 use aln_common::tls;
 use aln_common::wire::{ChunkEncoder, PayloadKind, ReceiveLimits, Reassembler};
-use aln_proto::{self as pb, PROTO_VERSION, federation_server::{Federation, FederationServer}};
+use aln_proto::{
+    self as pb, PROTO_VERSION,
+    admin_server::{Admin, AdminServer},
+    federation_server::{Federation, FederationServer},
+};
 use prost::Message;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -36,6 +40,7 @@ pub async fn run(
     let service = FederationServer::new(FederationService { ctl: controller.clone() })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let admin = AdminServer::new(AdminService { ctl: controller.clone() });
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<TlsStream<TcpStream>>>(64);
     // Handshakes run in their own tasks so a slow or hostile peer cannot stall the others.
     let acceptor = tokio::spawn(async move {
@@ -65,6 +70,7 @@ pub async fn run(
     });
     let served = Server::builder()
         .add_service(service)
+        .add_service(admin)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
         .await;
     acceptor.abort();
@@ -223,6 +229,44 @@ impl Federation for FederationService {
             self.ctl.store().save_gradcam(cam)?;
         }
         Ok(Response::new(pb::FeatureAck { rows_received: n as u32 }))
+    }
+}
+
+/// The operator's service: status and graceful stop, for `federation.admins` only.
+pub struct AdminService {
+    ctl: Arc<RoundController>,
+}
+
+impl AdminService {
+    fn identify<T>(&self, req: &Request<T>) -> CoordResult<String> {
+        let certs = req.peer_certs().ok_or(CoordinatorError::NoCertificate)?;
+        let leaf = certs.first().ok_or(CoordinatorError::NoCertificate)?;
+        let cn = tls::common_name(leaf.as_ref())?;
+        let fingerprint = tls::fingerprint(leaf.as_ref());
+        let cfg = &self.ctl.config().federation;
+        if cfg.admins.contains(&cn) && !cfg.denied_certificates.iter().any(|d| d.eq_ignore_ascii_case(&fingerprint)) {
+            Ok(cn)
+        } else {
+            warn!(common_name = %cn, "refused an admin request from a non-admin certificate");
+            self.ctl.audit().record("identity_refused", &cn, serde_json::json!({"reason": "not in federation.admins"}));
+            Err(CoordinatorError::NotAdmitted(format!("{cn} (admin operations need an admin certificate)")))
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        let who = self.identify(&req)?;
+        self.ctl.audit().record("admin_status", &who, serde_json::json!({}));
+        Ok(Response::new(pb::StatusReply { json: self.ctl.status_json().to_string() }))
+    }
+
+    async fn stop(&self, req: Request<pb::StopRequest>) -> Result<Response<pb::StopReply>, Status> {
+        let who = self.identify(&req)?;
+        let reason = req.into_inner().reason;
+        self.ctl.request_stop(&who, &reason);
+        Ok(Response::new(pb::StopReply { message: "stopping; completed rounds are on disk and a restart resumes".into() }))
     }
 }
 

@@ -148,12 +148,16 @@ impl ClientIdentity {
     }
 }
 
-/// A gRPC client over mTLS (or TLS without a client certificate when `cert_key` is None).
-pub async fn connect(addr: &str, id: &ClientIdentity) -> Result<FederationClient<Channel>> {
+/// A lazily connected mTLS channel (TLS without a client certificate when `cert_key` is None).
+pub fn channel(addr: &str, id: &ClientIdentity) -> Result<Channel> {
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(&id.ca)?)).domain_name("coordinator");
     if let Some((c, k)) = &id.cert_key {
         tls = tls.identity(Identity::from_pem(std::fs::read(c)?, std::fs::read(k)?));
     }
-    let channel = Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect_lazy();
-    Ok(FederationClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect_lazy())
+}
+
+/// A Federation client over mTLS.
+pub async fn connect(addr: &str, id: &ClientIdentity) -> Result<FederationClient<Channel>> {
+    Ok(FederationClient::new(channel(addr, id)?).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
 }
