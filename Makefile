@@ -11,7 +11,7 @@ TORCH_LIB = $(firstword $(wildcard $(VENV)/lib/python3*/site-packages/torch/lib)
 RUN_ENV = LD_LIBRARY_PATH="$(TORCH_LIB):$$LD_LIBRARY_PATH"
 BIN := $(CARGO_TARGET_DIR)/debug
 
-.PHONY: setup build test demo bench clean-demo
+.PHONY: setup build test demo bench fuzz clean-demo
 
 setup:
 	@ALNFL_CACHE=$(CACHE) bash deploy/setup.sh
@@ -27,6 +27,9 @@ demo: build
 
 bench: build
 	@echo "benchmarks arrive with the benchmarks issue"
+
+fuzz:
+	bash deploy/fuzz.sh
 
 clean-demo:
 	rm -rf out/demo

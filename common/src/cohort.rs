@@ -167,11 +167,16 @@ pub const MANIFEST_COLUMNS: [&str; 23] = [
 
 /// Reads and checks a manifest; errors name the file, the row (1-based, header excluded) and the field.
 pub fn read_manifest(path: &Path) -> Result<Vec<ManifestRow>> {
-    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    let mut rdr = csv::ReaderBuilder::new()
-        .trim(csv::Trim::All)
-        .from_path(path)
-        .map_err(|e| Error::io(path, std::io::Error::other(e)))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    parse_manifest(file, path, base)
+}
+
+/// Parses manifest CSV from any reader; `path` names it in errors, image paths resolve
+/// against `base`. Never panics on malformed input (fuzzed: `fuzz/fuzz_targets/manifest.rs`).
+pub fn parse_manifest(input: impl std::io::Read, path: &Path, base: &Path) -> Result<Vec<ManifestRow>> {
+    let base = base.to_path_buf();
+    let mut rdr = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(input);
     let headers = rdr
         .headers()
         .map_err(|e| Error::io(path, std::io::Error::other(e)))?
