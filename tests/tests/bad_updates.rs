@@ -118,3 +118,38 @@ async fn a_round_without_quorum_fails_loudly_instead_of_hanging() -> anyhow::Res
     assert!(coord.state_dir.join("models/main/global_r0000.safetensors").exists());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_transfer_is_sent_again_and_accepted() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = provision(dir.path(), &["site-a", "site-b"])?;
+    let global = tiny_model(3.0);
+    global.save(&pki.join("coordinator/initial_model.safetensors"), &Default::default())?;
+    let cfg = write_coordinator_config(&pki, &["site-a", "site-b"], "rounds = 1\nmin_sites = 2\n")?;
+    let coord = CoordinatorProc::start(&cfg)?;
+    let mut a = connect(&coord.addr, &ClientIdentity::site(&pki, "site-a")).await?;
+    let mut b = connect(&coord.addr, &ClientIdentity::site(&pki, "site-b")).await?;
+    let base = global.weights_hash();
+    let mut da = global.zeros_like();
+    da.data_mut().iter_mut().for_each(|v| *v = 1.0);
+    // The first transfer is damaged in flight; only that transfer is redone, nothing else.
+    let mut damaged = chunks(da.clone(), &base, 10);
+    if let Some(pb::model_chunk::Part::Tensor(t)) = &mut damaged[2].part {
+        t.data[3] ^= 1;
+    }
+    assert_eq!(a.push_update(tokio_stream::iter(damaged)).await.unwrap_err().code(), Code::DataLoss);
+    a.push_update(tokio_stream::iter(chunks(da.clone(), &base, 10))).await?;
+    b.push_update(tokio_stream::iter(chunks(global.zeros_like(), &base, 30))).await?;
+    let path = coord.state_dir.join("models/main/global_r0001.safetensors");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "round never closed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (next, _) = ModelState::load(&path)?;
+    // (10·1 + 30·0) / 40 = 0.25 added to every weight.
+    for (n, g) in next.data().iter().zip(global.data()) {
+        assert!((n - g - 0.25).abs() < 1e-6);
+    }
+    Ok(())
+}

@@ -70,6 +70,24 @@ fn a_site_killed_mid_training_rejoins_and_the_run_completes() -> anyhow::Result<
 }
 
 #[test]
+fn sigterm_stops_a_site_node_cleanly_mid_training() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    run_ok(Command::new(bin("site-node")).args(["synth", "--sites", "2", "--patients", "40", "--image-px", "64", "--seed", "6", "--out"]).arg(root.join("cohort")))?;
+    let pki = provision(root, &SITES)?;
+    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "32", "--feature-dim", "8", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    let cfg = write_coordinator_config(&pki, &SITES, "rounds = 1\nmin_sites = 2\n\n[training]\nlocal_steps = 50\nbatch_size = 4\nlearning_rate = 1e-4\nimage_size = 32\nseed = 3\n")?;
+    let coord = CoordinatorProc::start(&cfg)?;
+    let mut a = start_site(root, &pki, &coord.url(), "site-a", "site-a.log")?;
+    wait_for_log(&root.join("site-a.log"), "local step", Duration::from_secs(120))?;
+    run_ok(Command::new("kill").args(["-TERM", &a.id().to_string()]))?;
+    let status = wait_child(&mut a, Duration::from_secs(60), "site-a")?;
+    assert!(status.success(), "SIGTERM should end a site-node cleanly");
+    assert!(std::fs::read_to_string(root.join("site-a.log"))?.contains("stopping on signal"));
+    Ok(())
+}
+
+#[test]
 fn sigterm_stops_a_coordinator_cleanly_and_it_resumes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = provision(dir.path(), &SITES)?;
