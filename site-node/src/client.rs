@@ -32,6 +32,11 @@ fn transient(s: &tonic::Status) -> bool {
     matches!(s.code(), Code::Unavailable | Code::Aborted | Code::DataLoss | Code::Cancelled | Code::Unknown | Code::DeadlineExceeded)
 }
 
+/// Whether an error came from a broken connection rather than a refusal.
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<tonic::Status>().is_some_and(transient) || c.downcast_ref::<tonic::transport::Error>().is_some())
+}
+
 /// One round's instructions from a train task.
 struct TrainJob {
     round: u32,
@@ -63,6 +68,8 @@ type SharedNet = Arc<Mutex<Slot>>;
 pub struct Session {
     client: FederationClient<Channel>,
     cfg: SiteConfig,
+    /// How long to ride out a coordinator outage (restart, network) before giving up.
+    patience: Duration,
 }
 
 /// Per-round timings the site keeps in `work_dir/timings.jsonl`.
@@ -102,7 +109,7 @@ impl Session {
         let client = FederationClient::new(channel)
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-        Ok(Self { client, cfg })
+        Ok(Self { client, cfg, patience })
     }
 
     /// Follows the coordinator's tasks until it says the run is done.
@@ -132,8 +139,27 @@ impl Session {
         let site_seed = site.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         let updates_dir = self.cfg.site.work_dir.join("updates");
         let mut failures = 0;
+        let mut outage: Option<Instant> = None;
         loop {
-            let task = self.client.next_task(pb::TaskRequest {}).await.context("asking for the next task")?.into_inner();
+            let task = match self.client.next_task(pb::TaskRequest {}).await {
+                Ok(t) => {
+                    if let Some(since) = outage.take() {
+                        info!(down_s = format!("{:.1}", since.elapsed().as_secs_f64()), "coordinator reachable again; continuing");
+                    }
+                    t.into_inner()
+                }
+                Err(s) if transient(&s) => {
+                    let since = *outage.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.patience {
+                        bail!("coordinator unreachable for {:?}: {} ({:?})", self.patience, s.message(), s.code());
+                    }
+                    let wait = Duration::from_millis(250).saturating_mul(1 << since.elapsed().as_secs().min(4)).min(Duration::from_secs(5));
+                    warn!("coordinator unreachable ({:?}: {}); retrying in {wait:?}", s.code(), s.message());
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Err(s) => return Err(anyhow!(s).context("asking for the next task")),
+            };
             use pb::task::Kind;
             let result = match task.kind {
                 Some(Kind::Train(t)) => {
@@ -159,6 +185,8 @@ impl Session {
             };
             match result {
                 Ok(()) => failures = 0,
+                // The coordinator went away mid-task: ask again once it is back (above).
+                Err(e) if is_transient(&e) => warn!("task interrupted by a coordinator outage: {e:#}"),
                 Err(e) => {
                     failures += 1;
                     error!("task failed ({failures}/3): {e:#}");
@@ -255,6 +283,7 @@ impl Session {
                     warn!(attempt, "upload of round {round} broke off ({:?}: {}); re-sending", s.code(), s.message());
                     tokio::time::sleep(Duration::from_millis(500 * attempt as u64)).await;
                 }
+                Err(s) if transient(&s) => return Err(anyhow!(s).context(format!("uploading the update for round {round}"))),
                 Err(s) => bail!("update for round {round} refused: {} ({:?})", s.message(), s.code()),
             }
         };
@@ -327,7 +356,7 @@ impl Session {
                     gradcams: if i + 1 == batches.len() { gradcams.clone() } else { vec![] },
                 })
                 .await
-                .map_err(|s| anyhow!("features refused: {} ({:?})", s.message(), s.code()))?;
+                .map_err(|s| if transient(&s) { anyhow!(s).context("sending features") } else { anyhow!("features refused: {} ({:?})", s.message(), s.code()) })?;
         }
         info!(rows = rows.len(), "features sent");
         Ok(())

@@ -47,14 +47,21 @@ pub fn tiny_model(seed: f32) -> ModelState {
     .unwrap()
 }
 
-/// Writes a coordinator config next to the provisioned coordinator kit.
+/// A loopback port that was free a moment ago (for a coordinator that must restart on it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Writes a coordinator config next to the provisioned coordinator kit (listening on
+/// 127.0.0.1:0 unless `body` sets `listen`).
 pub fn write_coordinator_config(pki: &Path, sites: &[&str], body: &str) -> Result<PathBuf> {
     let list: Vec<String> = sites.iter().map(|s| format!("\"{s}\"")).collect();
     let path = pki.join("coordinator").join("test.toml");
     std::fs::write(
         &path,
         format!(
-            "[federation]\nlisten = \"127.0.0.1:0\"\nsites = [{}]\n{body}\n\n[paths]\nstate_dir = \"state\"\ninitial_model = \"initial_model.safetensors\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"coordinator.pem\"\nkey = \"coordinator.key\"\n",
+            "[federation]\n{}sites = [{}]\n{body}\n\n[paths]\nstate_dir = \"state\"\ninitial_model = \"initial_model.safetensors\"\n\n[tls]\nca = \"ca.pem\"\ncert = \"coordinator.pem\"\nkey = \"coordinator.key\"\n",
+            if body.contains("listen =") { "" } else { "listen = \"127.0.0.1:0\"\n" },
             list.join(", ")
         ),
     )?;

@@ -70,6 +70,47 @@ fn a_site_killed_mid_training_rejoins_and_the_run_completes() -> anyhow::Result<
 }
 
 #[test]
+fn sites_ride_out_a_coordinator_crash_and_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    run_ok(Command::new(bin("site-node")).args(["synth", "--sites", "2", "--patients", "60", "--image-px", "64", "--seed", "8", "--out"]).arg(root.join("cohort")))?;
+    let pki = provision(root, &SITES)?;
+    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "32", "--feature-dim", "8", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    let port = free_port();
+    let cfg = write_coordinator_config(
+        &pki,
+        &SITES,
+        &format!("listen = \"127.0.0.1:{port}\"\nrounds = 3\nmin_sites = 2\n\n[training]\nlocal_steps = 4\nbatch_size = 4\nlearning_rate = 1e-4\nimage_size = 32\nseed = 4\n"),
+    )?;
+    let mut coord = CoordinatorProc::start(&cfg)?;
+    let mut sites: Vec<Child> = SITES.iter().map(|s| start_site(root, &pki, &coord.url(), s, &format!("{s}.log"))).collect::<anyhow::Result<_>>()?;
+    // Crash the coordinator (SIGKILL) once round 1 is on disk, i.e. during round 2.
+    let r1 = coord.state_dir.join("models/main/global_r0001.safetensors");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !r1.exists() {
+        anyhow::ensure!(Instant::now() < deadline, "round 1 never completed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    coord.child.kill()?;
+    coord.child.wait()?;
+    std::thread::sleep(Duration::from_secs(2));
+    // Same port, same state directory: the sites find it again on their own.
+    let mut coord = CoordinatorProc::start(&cfg)?;
+    let status = coord.wait(Duration::from_secs(600))?;
+    assert!(status.success(), "coordinator failed after restart:\n{}", coord.log_text());
+    for (s, child) in SITES.iter().zip(&mut sites) {
+        assert!(wait_child(child, Duration::from_secs(60), s)?.success(), "{s} gave up:\n{}", std::fs::read_to_string(root.join(format!("{s}.log")))?);
+    }
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(coord.state_dir.join("round_state.json"))?)?;
+    let rounds: Vec<u64> = state["history"].as_array().unwrap().iter().map(|h| h["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, vec![1, 2, 3]);
+    assert!(coord.state_dir.join("report.json").exists());
+    let logs = SITES.iter().map(|s| std::fs::read_to_string(root.join(format!("{s}.log"))).unwrap()).collect::<String>();
+    assert!(logs.contains("coordinator unreachable") || logs.contains("broke off"), "the sites never noticed the outage");
+    Ok(())
+}
+
+#[test]
 fn sigterm_stops_a_site_node_cleanly_mid_training() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path();
