@@ -2,8 +2,10 @@
 //!
 //! One [`Aggregator`] trait; strategies implement it. Updates are checked by [`validate`]
 //! before they reach an aggregator, so an aggregator only sees finite deltas of the right
-//! shape for the right round. [`FedAvg`] accumulates as updates arrive, so memory is one
-//! accumulator however many sites join.
+//! shape for the right round. [`FedAvg`] accumulates as updates arrive (ndarray's
+//! `scaled_add` over the flat f32 buffer), so memory is one accumulator however many sites join.
+
+use ndarray::{Array1, ArrayView1, ArrayViewMut1};
 
 use crate::error::{Error, Result};
 use crate::ids::{ModelHash, Round, SiteId};
@@ -84,7 +86,8 @@ pub fn validate(update: &ModelUpdate, exp: Expectation<'_>) -> Result<()> {
 /// Sample-weighted federated averaging (McMahan et al. 2017):
 /// `w_{r+1} = w_r + Σ_k n_k Δ_k / Σ_k n_k`.
 pub struct FedAvg {
-    weighted_sum: Vec<f32>,
+    /// `Σ n_k Δ_k`, one flat f32 buffer over the whole model.
+    weighted_sum: Array1<f32>,
     total_weight: f64,
     sites: Vec<SiteId>,
 }
@@ -92,7 +95,7 @@ pub struct FedAvg {
 impl FedAvg {
     pub fn new(global: &ModelState) -> Self {
         Self {
-            weighted_sum: vec![0.0; global.numel()],
+            weighted_sum: Array1::zeros(global.numel()),
             total_weight: 0.0,
             sites: Vec::new(),
         }
@@ -109,10 +112,7 @@ impl Aggregator for FedAvg {
                 self.weighted_sum.len()
             )));
         }
-        let w = update.sample_count as f32;
-        for (acc, d) in self.weighted_sum.iter_mut().zip(delta) {
-            *acc += w * d;
-        }
+        self.weighted_sum.scaled_add(update.sample_count as f32, &ArrayView1::from(delta));
         self.total_weight += update.sample_count as f64;
         self.sites.push(update.site.clone());
         Ok(())
@@ -128,9 +128,7 @@ impl Aggregator for FedAvg {
         }
         let inv = (1.0 / self.total_weight) as f32;
         let mut next = global.clone();
-        for (w, s) in next.data_mut().iter_mut().zip(&self.weighted_sum) {
-            *w += s * inv;
-        }
+        ArrayViewMut1::from(next.data_mut()).scaled_add(inv, &self.weighted_sum);
         Ok(next)
     }
 }
