@@ -26,7 +26,7 @@ demo: build
 	$(RUN_ENV) BIN=$(BIN) bash deploy/demo.sh
 
 bench: build
-	@echo "benchmarks arrive with the benchmarks issue"
+	cargo bench -p aln-common --bench plumbing
 
 fuzz:
 	bash deploy/fuzz.sh

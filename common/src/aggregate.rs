@@ -5,7 +5,7 @@
 //! shape for the right round. [`FedAvg`] accumulates as updates arrive (ndarray's
 //! `scaled_add` over the flat f32 buffer), so memory is one accumulator however many sites join.
 
-use ndarray::{Array1, ArrayView1, ArrayViewMut1};
+use ndarray::{Array1, ArrayView1};
 
 use crate::error::{Error, Result};
 use crate::ids::{ModelHash, Round, SiteId};
@@ -126,10 +126,12 @@ impl Aggregator for FedAvg {
         if self.total_weight <= 0.0 {
             return Err(Error::InvalidUpdate("no update to aggregate".into()));
         }
+        // Reuse the accumulator as the next model's buffer: no second model-sized allocation.
         let inv = (1.0 / self.total_weight) as f32;
-        let mut next = global.clone();
-        ArrayViewMut1::from(next.data_mut()).scaled_add(inv, &self.weighted_sum);
-        Ok(next)
+        let mut next = self.weighted_sum;
+        next *= inv;
+        next += &ArrayView1::from(global.data());
+        ModelState::new(global.specs().to_vec(), next.into_raw_vec_and_offset().0)
     }
 }
 

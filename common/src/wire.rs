@@ -68,7 +68,9 @@ pub struct ChunkEncoder {
     meta: PayloadMeta,
     max_chunk_elems: usize,
     stage: EncodeStage,
-    hasher: Sha256,
+    /// Hashes as it goes, unless the digest is already known.
+    hasher: Option<Sha256>,
+    known_digest: Option<Vec<u8>>,
 }
 
 impl ChunkEncoder {
@@ -78,8 +80,20 @@ impl ChunkEncoder {
             meta,
             max_chunk_elems: (effective_chunk_bytes(max_chunk_bytes) / 4).max(1),
             stage: EncodeStage::Header,
-            hasher: Sha256::new(),
+            hasher: Some(Sha256::new()),
+            known_digest: None,
         }
+    }
+
+    /// Like [`ChunkEncoder::new`] for a state whose [`ModelState::weights_hash`] is already
+    /// known (the coordinator's global model), saving a hash pass per download.
+    pub fn with_known_hash(state: Arc<ModelState>, meta: PayloadMeta, max_chunk_bytes: usize, hash: &ModelHash) -> Self {
+        let mut e = Self::new(state, meta, max_chunk_bytes);
+        if let Ok(d) = hex::decode(&hash.0) {
+            e.hasher = None;
+            e.known_digest = Some(d);
+        }
+        e
     }
 
     fn header(&self) -> pb::ModelHeader {
@@ -134,7 +148,9 @@ impl Iterator for ChunkEncoder {
                 let len = (range.len() - offset).min(self.max_chunk_elems);
                 let start = range.start + offset;
                 let bytes = &self.state.as_bytes()[start * 4..(start + len) * 4];
-                self.hasher.update(bytes);
+                if let Some(h) = self.hasher.as_mut() {
+                    h.update(bytes);
+                }
                 let data = bytes.to_vec();
                 self.stage = if offset + len < range.len() {
                     EncodeStage::Body {
@@ -152,10 +168,12 @@ impl Iterator for ChunkEncoder {
             }
             EncodeStage::Trailer => {
                 self.stage = EncodeStage::Done;
-                let digest = std::mem::take(&mut self.hasher).finalize();
-                Part::Trailer(pb::ModelTrailer {
-                    sha256: digest.to_vec(),
-                })
+                let digest = match (self.known_digest.take(), self.hasher.take()) {
+                    (Some(d), _) => d,
+                    (None, Some(h)) => h.finalize().to_vec(),
+                    (None, None) => Vec::new(),
+                };
+                Part::Trailer(pb::ModelTrailer { sha256: digest })
             }
             EncodeStage::Done => return None,
         };
@@ -360,11 +378,10 @@ impl Reassembler {
             )));
         }
         self.hasher.update(&t.data);
-        self.data.extend(
-            t.data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        );
+        // Little-endian f32 bytes into the f32 buffer: a plain copy (the target is LE, see model_state).
+        let at = self.data.len();
+        self.data.resize(at + n, 0.0);
+        bytemuck::cast_slice_mut::<f32, u8>(&mut self.data[at..]).copy_from_slice(&t.data);
         self.skip_empty_tensors();
         Ok(())
     }
@@ -488,6 +505,14 @@ mod tests {
 
     fn big_state() -> ModelState {
         ModelState::from_named(vec![("w".into(), vec![4096], vec![1.0; 4096])]).unwrap()
+    }
+
+    #[test]
+    fn a_known_hash_gives_the_same_stream() {
+        let s = Arc::new(big_state());
+        let a: Vec<_> = ChunkEncoder::new(s.clone(), meta(), MIN_CHUNK_BYTES).collect();
+        let b: Vec<_> = ChunkEncoder::with_known_hash(s.clone(), meta(), MIN_CHUNK_BYTES, &s.weights_hash()).collect();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -156,7 +156,8 @@ impl Federation for FederationService {
         let (model, meta) = self.ctl.model_for_pull(&site, &r.model_hash)?;
         let chunk = if r.max_chunk_bytes == 0 { self.ctl.config().federation.max_chunk_bytes } else { r.max_chunk_bytes as usize };
         info!(%site, model = %meta.base_model_hash.short(), bytes = model.byte_len(), "model pull");
-        let encoder = ChunkEncoder::new(model, meta, chunk);
+        let hash = meta.base_model_hash.clone();
+        let encoder = ChunkEncoder::with_known_hash(model, meta, chunk, &hash);
         Ok(Response::new(Box::pin(tokio_stream::iter(encoder.map(Ok)))))
     }
 
