@@ -255,3 +255,104 @@ fn config_err(path: &Path, message: &str) -> Error {
     Error::Config { path: path.to_path_buf(), message: message.to_string() }
 }
 
+/// A commented coordinator config for these sites (what `provision` and `init-config` write).
+pub fn coordinator_template(site_ids: &[SiteId]) -> String {
+    let sites: Vec<String> = site_ids.iter().map(|s| format!("\"{s}\"")).collect();
+    let plan = TrainingPlan::default();
+    format!(
+        r#"# Coordinator configuration (written by `coordinator provision`).
+# Relative paths are resolved against this file's folder.
+
+[federation]
+listen = "127.0.0.1:{DEFAULT_PORT}"     # address:port to serve on
+sites = [{sites}]                       # admitted sites = certificate Common Names
+rounds = 3                              # federated rounds
+min_sites = {min}                       # quorum once round_timeout_secs has passed
+round_timeout_secs = 3600
+max_chunk_bytes = 1048576               # largest chunk of a model transfer
+# max_update_norm = 1e4                 # refuse deltas with a larger L2 norm
+denied_certificates = []                # revoked: ["sha256:…"] from `coordinator fingerprint`
+admins = ["admin"]                      # Common Names allowed to read status and stop the run
+
+[training]                              # the recipe every site follows each round
+local_steps = {steps}
+batch_size = {batch}
+learning_rate = {lr:e}
+image_size = {size}                     # paper: 224
+seed = {seed}
+
+[fusion]                                # clinical-fusion SVM (Gaussian kernel); C and gamma
+c = 1.0                                 # are re-chosen by 5-fold CV on pooled training rows
+balanced = true
+
+[study]                                 # controls, each one extra federated training
+leave_one_site_out = false              # external validation: one federation per held-out site
+modality_controls = false               # US-only and SWE-only federations
+clinical_in_head_control = false        # ResNet50+C: clinical variables inside the network
+
+[paths]
+state_dir = "state"                     # models, round state, report; runs resume from here
+initial_model = "initial_model.safetensors"   # from `site-node init-model`
+
+[tls]
+ca = "ca.pem"
+cert = "coordinator.pem"
+key = "coordinator.key"
+"#,
+        sites = sites.join(", "),
+        min = site_ids.len().max(1),
+        steps = plan.local_steps,
+        batch = plan.batch_size,
+        lr = plan.learning_rate,
+        size = plan.image_size,
+        seed = plan.seed,
+    )
+}
+
+/// A commented site-node config (what `provision` and `site-node init-config` write).
+pub fn site_template(coordinator_url: &str) -> String {
+    format!(
+        r#"# Site-node configuration (written by `coordinator provision`).
+# Relative paths are resolved against this file's folder.
+
+[site]
+coordinator = "{url}"
+server_name = "coordinator"             # name in the coordinator's certificate
+manifest = "data/manifest.csv"          # your local manifest; images never leave this machine
+work_dir = "work"                       # local copies of updates, timings
+device = "auto"                         # auto | cpu | cuda
+threads = 0                             # torch threads (0 = default)
+share_gradcam = false                   # send Grad-CAM overlays of a few test patients for the report
+
+[tls]
+ca = "ca.pem"
+cert = "site.pem"
+key = "site.key"
+"#,
+        url = coordinator_url
+    )
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_load_as_valid_configs() {
+        let dir = std::env::temp_dir().join(format!("aln-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sites = vec![SiteId::new("h1").unwrap(), SiteId::new("h2").unwrap()];
+        let c = dir.join("coordinator.toml");
+        std::fs::write(&c, coordinator_template(&sites)).unwrap();
+        let cfg = CoordinatorConfig::load(&c).unwrap();
+        assert_eq!(cfg.federation.sites, sites);
+        assert_eq!(cfg.federation.admins, vec!["admin".to_string()]);
+        let s = dir.join("site.toml");
+        std::fs::write(&s, site_template("https://fl.example.org:50051")).unwrap();
+        let site = SiteConfig::load(&s).unwrap();
+        assert!(!site.site.share_gradcam);
+        assert_eq!(site.site.coordinator, "https://fl.example.org:50051");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -44,6 +44,14 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Write a commented coordinator.toml with the defaults, to edit.
+    InitConfig {
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated site ids to admit.
+        #[arg(long, value_delimiter = ',', default_value = "site-a,site-b,site-c")]
+        sites: Vec<SiteId>,
+    },
     /// Issue a startup kit for one more site from an existing CA (keep the CA key offline otherwise).
     IssueSite {
         /// The folder `provision` wrote (holds ca/ca.pem and ca/ca.key).
@@ -153,6 +161,14 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Run { config, listen, addr_file } => run(config, listen, addr_file).await,
+        Command::InitConfig { out, sites } => {
+            if out.exists() {
+                anyhow::bail!("{} exists; not overwriting it", out.display());
+            }
+            aln_common::atomic_file::write(&out, aln_common::config::coordinator_template(&sites).as_bytes())?;
+            info!("wrote {}", out.display());
+            Ok(())
+        }
         Command::IssueSite { pki, site, valid_days, url } => {
             let dir = coordinator::provision::issue_site(&pki, &site, valid_days, &url)?;
             info!("kit for {site} written to {}", dir.display());

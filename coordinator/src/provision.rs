@@ -13,7 +13,7 @@
 use std::path::{Path, PathBuf};
 
 use aln_common::atomic_file;
-use aln_common::config::TrainingPlan;
+use aln_common::config;
 use aln_common::constants::DEFAULT_PORT;
 use aln_common::ids::SiteId;
 use anyhow::{Context, Result, bail};
@@ -96,7 +96,7 @@ pub fn provision(req: &ProvisionRequest) -> Result<()> {
     write(&coord_dir.join("ca.pem"), &ca_pem)?;
     write(&coord_dir.join("coordinator.pem"), &cert.pem())?;
     write(&coord_dir.join("coordinator.key"), &key.serialize_pem())?;
-    write(&coord_dir.join("coordinator.toml"), &coordinator_toml(req))?;
+    write(&coord_dir.join("coordinator.toml"), &config::coordinator_template(&req.sites))?;
 
     // The operator's admin identity (status, stop).
     let admin_dir = req.out.join("admin");
@@ -119,8 +119,25 @@ pub fn provision(req: &ProvisionRequest) -> Result<()> {
         write(&dir.join("ca.pem"), &ca_pem)?;
         write(&dir.join("site.pem"), &cert.pem())?;
         write(&dir.join("site.key"), &key.serialize_pem())?;
-        write(&dir.join("site.toml"), &site_toml(req))?;
+        write(&dir.join("site.toml"), &config::site_template(&req.coordinator_url))?;
         write(&dir.join("README.txt"), &site_readme(site))?;
+        write_start_script(&dir)?;
+    }
+    Ok(())
+}
+
+/// `start.sh` in a site kit: checks the data, then joins the federation.
+fn write_start_script(dir: &Path) -> Result<()> {
+    let path = dir.join("start.sh");
+    write(
+        &path,
+        "#!/usr/bin/env sh\n# Start this hospital's site-node: validate the local data, then join the federation.\n\
+         set -e\ncd \"$(dirname \"$0\")\"\nsite-node check-data --manifest data/manifest.csv >/dev/null\nexec site-node run --config site.toml \"$@\"\n",
+    )?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     }
     Ok(())
 }
@@ -138,89 +155,13 @@ pub fn issue_site(pki: &Path, site: &SiteId, valid_days: i64, coordinator_url: &
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     let cert = p.signed_by(&key, &issuer)?;
-    let req = ProvisionRequest { coordinator_url: coordinator_url.to_string(), ..ProvisionRequest::new(vec![site.clone()], pki.to_path_buf()) };
     write(&dir.join("ca.pem"), &ca_pem)?;
     write(&dir.join("site.pem"), &cert.pem())?;
     write(&dir.join("site.key"), &key.serialize_pem())?;
-    write(&dir.join("site.toml"), &site_toml(&req))?;
+    write(&dir.join("site.toml"), &config::site_template(coordinator_url))?;
     write(&dir.join("README.txt"), &site_readme(site))?;
+    write_start_script(&dir)?;
     Ok(dir)
-}
-
-fn coordinator_toml(req: &ProvisionRequest) -> String {
-    let sites: Vec<String> = req.sites.iter().map(|s| format!("\"{s}\"")).collect();
-    let plan = TrainingPlan::default();
-    format!(
-        r#"# Coordinator configuration (written by `coordinator provision`).
-# Relative paths are resolved against this file's folder.
-
-[federation]
-listen = "127.0.0.1:{DEFAULT_PORT}"     # address:port to serve on
-sites = [{sites}]                       # admitted sites = certificate Common Names
-rounds = 3                              # federated rounds
-min_sites = {min}                       # quorum once round_timeout_secs has passed
-round_timeout_secs = 3600
-max_chunk_bytes = 1048576               # largest chunk of a model transfer
-# max_update_norm = 1e4                 # refuse deltas with a larger L2 norm
-denied_certificates = []                # revoked: ["sha256:…"] from `coordinator fingerprint`
-admins = ["admin"]                      # Common Names allowed to read status and stop the run
-
-[training]                              # the recipe every site follows each round
-local_steps = {steps}
-batch_size = {batch}
-learning_rate = {lr:e}
-image_size = {size}                     # paper: 224
-seed = {seed}
-
-[fusion]                                # clinical-fusion SVM (Gaussian kernel); C and gamma
-c = 1.0                                 # are re-chosen by 5-fold CV on pooled training rows
-balanced = true
-
-[study]                                 # controls, each one extra federated training
-leave_one_site_out = false              # external validation: one federation per held-out site
-modality_controls = false               # US-only and SWE-only federations
-clinical_in_head_control = false        # ResNet50+C: clinical variables inside the network
-
-[paths]
-state_dir = "state"                     # models, round state, report; runs resume from here
-initial_model = "initial_model.safetensors"   # from `site-node init-model`
-
-[tls]
-ca = "ca.pem"
-cert = "coordinator.pem"
-key = "coordinator.key"
-"#,
-        sites = sites.join(", "),
-        min = req.sites.len(),
-        steps = plan.local_steps,
-        batch = plan.batch_size,
-        lr = plan.learning_rate,
-        size = plan.image_size,
-        seed = plan.seed,
-    )
-}
-
-fn site_toml(req: &ProvisionRequest) -> String {
-    format!(
-        r#"# Site-node configuration (written by `coordinator provision`).
-# Relative paths are resolved against this file's folder.
-
-[site]
-coordinator = "{url}"
-server_name = "coordinator"             # name in the coordinator's certificate
-manifest = "data/manifest.csv"          # your local manifest; images never leave this machine
-work_dir = "work"                       # local copies of updates, timings
-device = "auto"                         # auto | cpu | cuda
-threads = 0                             # torch threads (0 = default)
-share_gradcam = false                   # send Grad-CAM overlays of a few test patients for the report
-
-[tls]
-ca = "ca.pem"
-cert = "site.pem"
-key = "site.key"
-"#,
-        url = req.coordinator_url
-    )
 }
 
 fn site_readme(site: &SiteId) -> String {
@@ -228,6 +169,6 @@ fn site_readme(site: &SiteId) -> String {
         "Startup kit for site `{site}`.\n\n\
          site.pem / site.key identify this hospital to the coordinator: keep site.key private.\n\
          1. Put your manifest at data/manifest.csv (or edit site.toml).\n\
-         2. Run: site-node run --config site.toml\n"
+         2. Run: ./start.sh   (checks the data, then: site-node run --config site.toml)\n"
     )
 }

@@ -78,6 +78,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: i64,
     },
+    /// Write a commented site.toml with the defaults, to edit.
+    InitConfig {
+        #[arg(long)]
+        out: PathBuf,
+        /// The coordinator's URL.
+        #[arg(long, default_value = "https://127.0.0.1:50051")]
+        coordinator: String,
+    },
     /// Validate a manifest and its images, and print a summary; nothing is sent anywhere.
     CheckData {
         #[arg(long)]
@@ -161,6 +169,14 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::CheckData { manifest, image_size } => check_data(manifest, image_size),
+        Command::InitConfig { out, coordinator } => {
+            if out.exists() {
+                bail!("{} exists; not overwriting it", out.display());
+            }
+            aln_common::atomic_file::write(&out, aln_common::config::site_template(&coordinator).as_bytes())?;
+            info!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Run { config, coordinator, manifest, work_dir, device, threads, connect_patience } => {
             let mut cfg = SiteConfig::load(&config)?;
             if let Some(c) = coordinator {
