@@ -81,6 +81,10 @@ pub struct FederationSection {
     /// Largest L2 norm of an update delta; larger updates are refused (none if unset).
     #[serde(default)]
     pub max_update_norm: Option<f64>,
+    /// Address for the Prometheus `/metrics` endpoint (plain HTTP, bind it to a management
+    /// network); none if unset.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
     /// Certificate Common Names allowed to use the Admin service (status, stop); never sites.
     #[serde(default = "default_admins")]
     pub admins: Vec<String>,
@@ -273,6 +277,7 @@ max_chunk_bytes = 1048576               # largest chunk of a model transfer
 # max_update_norm = 1e4                 # refuse deltas with a larger L2 norm
 denied_certificates = []                # revoked: ["sha256:…"] from `coordinator fingerprint`
 admins = ["admin"]                      # Common Names allowed to read status and stop the run
+# metrics_listen = "127.0.0.1:9464"     # Prometheus /metrics (plain HTTP: keep it on a management network)
 
 [training]                              # the recipe every site follows each round
 local_steps = {steps}

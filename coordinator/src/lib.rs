@@ -9,6 +9,7 @@
 //! | [`cohort_table`] | Table 2: training vs test balance tests |
 //! | [`evaluation`] | fusion SVMs on pooled features, pooled and per-site AUCs |
 //! | [`html`] | self-contained `report.html` with plotters ROC curves |
+//! | [`metrics`] | Prometheus `/metrics` endpoint |
 //! | [`report`] | `report.json`, `features.csv`, the results table |
 //! | [`provision`] | CA, certificates and startup kits |
 //! | [`status`] | errors and their single mapping to gRPC codes |
@@ -18,6 +19,7 @@ pub mod audit;
 pub mod cohort_table;
 pub mod evaluation;
 pub mod html;
+pub mod metrics;
 pub mod provision;
 pub mod report;
 pub mod rounds;

@@ -221,6 +221,15 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
     }
     info!(%addr, sites = cfg.federation.sites.len(), rounds = cfg.federation.rounds, "coordinator listening (mTLS)");
 
+    let metrics = match &cfg.federation.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("federation.metrics_listen {addr}"))?;
+            info!(addr = %l.local_addr()?, "Prometheus metrics at /metrics");
+            Some(tokio::spawn(coordinator::metrics::serve(l, ctl.clone())))
+        }
+        None => None,
+    };
+
     // Timeouts are checked by a ticker; progress is logged every 10 s.
     let ticker = {
         let ctl = ctl.clone();
@@ -261,6 +270,9 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
     };
     coordinator::server::run(listener, tls, ctl.clone(), shutdown).await?;
     ticker.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     if let Some(msg) = ctl.failure() {
         anyhow::bail!("{msg}");
     }

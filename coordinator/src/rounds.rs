@@ -52,6 +52,22 @@ pub enum TaskDecision {
     Done { summary: String },
 }
 
+/// What `/metrics` reports.
+#[derive(Debug, Clone)]
+pub struct MetricsSnapshot {
+    pub rounds_completed: usize,
+    pub experiment: usize,
+    pub round_open: u32,
+    pub updates_accepted: usize,
+    pub updates_rejected: usize,
+    pub bytes_received: u64,
+    pub sites: Vec<(String, bool)>,
+    pub last_round_s: f64,
+    pub last_aggregate_s: f64,
+    pub last_checkpoint_s: f64,
+    pub failed: bool,
+}
+
 /// What the site learns at `Join`.
 #[derive(Debug, Clone)]
 pub struct JoinInfo {
@@ -598,6 +614,28 @@ impl RoundController {
     /// Resolves to `true` once a stop was requested.
     pub fn stop_requested(&self) -> watch::Receiver<bool> {
         self.stop.subscribe()
+    }
+
+    /// Numbers for the `/metrics` endpoint.
+    pub fn metrics_snapshot(&self) -> MetricsSnapshot {
+        let g = self.lock();
+        let last = g.run.history.last();
+        MetricsSnapshot {
+            rounds_completed: g.run.history.len(),
+            experiment: g.run.experiment,
+            round_open: match g.phase {
+                Phase::Training { round, .. } | Phase::Aggregating { round } => round.0,
+                _ => 0,
+            },
+            updates_accepted: g.run.history.iter().map(|h| h.contributors.len()).sum::<usize>() + g.contributions.len(),
+            updates_rejected: g.run.history.iter().map(|h| h.rejected.len()).sum::<usize>() + g.rejected.len(),
+            bytes_received: g.run.history.iter().flat_map(|h| &h.contributors).chain(&g.contributions).map(|c| c.bytes).sum(),
+            sites: self.cfg.federation.sites.iter().map(|s| (s.to_string(), g.joined.contains(s))).collect(),
+            last_round_s: last.map_or(0.0, |h| h.duration_s),
+            last_aggregate_s: last.map_or(0.0, |h| h.aggregate_s),
+            last_checkpoint_s: last.map_or(0.0, |h| h.checkpoint_s),
+            failed: matches!(g.phase, Phase::Failed(_)),
+        }
     }
 
     /// The run's state for `coordinator status`.

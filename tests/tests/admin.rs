@@ -14,7 +14,8 @@ async fn only_the_admin_reads_status_and_stops_the_run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = provision(dir.path(), &["site-a", "site-b"])?;
     tiny_model(0.25).save(&pki.join("coordinator/initial_model.safetensors"), &Default::default())?;
-    let cfg = write_coordinator_config(&pki, &["site-a", "site-b"], "rounds = 2\nmin_sites = 2\n")?;
+    let metrics_port = free_port();
+    let cfg = write_coordinator_config(&pki, &["site-a", "site-b"], &format!("rounds = 2\nmin_sites = 2\nmetrics_listen = \"127.0.0.1:{metrics_port}\"\n"))?;
     let mut coord = CoordinatorProc::start(&cfg)?;
     let kit = pki.join("admin");
 
@@ -23,6 +24,18 @@ async fn only_the_admin_reads_status_and_stops_the_run() -> anyhow::Result<()> {
     let status: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(status["experiments"][0], "main");
     assert!(status["progress"].as_str().unwrap().contains("round 1/2"), "{status}");
+
+    // Prometheus metrics (plain HTTP on the management address).
+    let metrics = {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", metrics_port))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        text
+    };
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(metrics.contains("aln_round_in_progress 1") && metrics.contains("aln_site_joined{site=\"site-a\"}"), "{metrics}");
 
     // A site may not use the admin service...
     let site = ClientIdentity::site(&pki, "site-a");
