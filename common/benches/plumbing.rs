@@ -3,6 +3,9 @@
 //! against a plain memcpy of the same bytes measured in the same run. Prints a table and
 //! writes `out/bench/plumbing.json`. Timings are reported, never asserted.
 
+// A benchmark prints its table for people.
+#![allow(clippy::print_stdout)]
+
 use std::sync::Arc;
 use std::time::Instant;
 
