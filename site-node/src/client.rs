@@ -276,8 +276,16 @@ impl Session {
         let mut attempt = 0;
         let ack = loop {
             attempt += 1;
-            let encoder = ChunkEncoder::new(delta.clone(), meta.clone(), 0);
-            match self.client.push_update(tokio_stream::iter(encoder)).await {
+            let bar = crate::progress::transfer(bytes_sent, "upload");
+            let shown = bar.clone();
+            let encoder = ChunkEncoder::new(delta.clone(), meta.clone(), 0).inspect(move |c| {
+                if let Some(pb::model_chunk::Part::Tensor(t)) = &c.part {
+                    shown.inc(t.data.len() as u64);
+                }
+            });
+            let sent = self.client.push_update(tokio_stream::iter(encoder)).await;
+            bar.finish_and_clear();
+            match sent {
                 Ok(ack) => break ack.into_inner(),
                 Err(s) if attempt < TRANSFER_ATTEMPTS && transient(&s) => {
                     warn!(attempt, "upload of round {round} broke off ({:?}: {}); re-sending", s.code(), s.message());

@@ -8,6 +8,7 @@ mod client;
 mod data;
 mod gradcam;
 mod model;
+mod progress;
 mod resnet;
 mod synth;
 mod train;

@@ -59,6 +59,7 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
     let mut opt = nn::Adam::default().build(&net.vs, plan.learning_rate)?;
     let device = net.vs.device();
     let mut loss_sum = 0.0;
+    let bar = crate::progress::steps(u64::from(plan.local_steps), round);
     for step in 0..plan.local_steps {
         let global_step = u64::from(round - 1) * u64::from(plan.local_steps) + u64::from(step);
         opt.set_lr(learning_rate(plan, global_step, total_steps));
@@ -73,10 +74,13 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
         let l = loss.double_value(&[]);
         ensure!(l.is_finite(), "training diverged at round {round}, step {step} (loss {l})");
         loss_sum += l;
-        if step == 0 || (step + 1) % 5 == 0 || step + 1 == plan.local_steps {
+        bar.inc(1);
+        bar.set_message(format!("loss {l:.4}"));
+        if bar.is_hidden() && (step == 0 || (step + 1) % 5 == 0 || step + 1 == plan.local_steps) {
             info!(round, step = step + 1, of = plan.local_steps, loss = format!("{l:.4}"), "local step");
         }
     }
+    bar.finish_and_clear();
     let local = net.export()?;
     let mut delta = local;
     for (d, g) in delta.data_mut().iter_mut().zip(global.data()) {
