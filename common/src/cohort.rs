@@ -5,7 +5,7 @@
 //! | column | meaning | values |
 //! |---|---|---|
 //! | `patient_id` | site-local identifier | non-empty, unique |
-//! | `us_image`, `swe_image` | B-mode and SWE image paths, relative to the manifest | PNG/JPEG |
+//! | `us_image`, `swe_image` | B-mode and SWE image paths, relative to the manifest | PNG, JPEG or DICOM (`.dcm`, grayscale or RGB) |
 //! | `us_roi_x`,`us_roi_y`,`us_roi_w`,`us_roi_h` | ROI box in the US image, pixels | inside the image |
 //! | `swe_roi_x`,`swe_roi_y`,`swe_roi_w`,`swe_roi_h` | ROI box in the SWE image | inside the image |
 //! | `age` | years | 18-100, or empty (missing) |

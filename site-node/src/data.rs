@@ -30,12 +30,32 @@ pub struct SiteData {
     side: i64,
     /// `N × CLINICAL_FEATURES` clinical inputs centred on the paper's Table 2.
     clinical: Vec<f32>,
+    /// Per patient: what was read of the US and the SWE file.
+    pub images: Vec<[ImageInfo; 2]>,
     pub image_size: i64,
 }
 
-/// Reads one image and returns the margin-widened ROI crop resized to `side × side` RGB.
-fn crop(path: &std::path::Path, roi: Roi, image_size: i64, row: usize, field: &str) -> Result<Vec<u8>> {
-    let img = image::open(path).with_context(|| format!("row {row}, `{field}`: cannot read image {}", path.display()))?;
+/// What was read of one image file (for the data summary).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageInfo {
+    pub width: u32,
+    pub height: u32,
+    pub dicom: bool,
+    /// (row, column) spacing in mm, from DICOM's Pixel Spacing.
+    pub pixel_spacing_mm: Option<(f64, f64)>,
+}
+
+/// Reads one image (PNG, JPEG or DICOM) and returns the margin-widened ROI crop resized to
+/// `side × side` RGB, with what was learned of the file.
+fn crop(path: &std::path::Path, roi: Roi, image_size: i64, row: usize, field: &str) -> Result<(Vec<u8>, ImageInfo)> {
+    let (img, dicom, pixel_spacing_mm) = if crate::dicom::is_dicom(path) {
+        let d = crate::dicom::load(path).with_context(|| format!("row {row}, `{field}`"))?;
+        (d.image, true, d.pixel_spacing_mm)
+    } else {
+        let i = image::open(path).with_context(|| format!("row {row}, `{field}`: cannot read image {}", path.display()))?;
+        (i, false, None)
+    };
+    let info = ImageInfo { width: img.width(), height: img.height(), dicom, pixel_spacing_mm };
     let (w, h) = (img.width(), img.height());
     if roi.x + roi.w > w || roi.y + roi.h > h {
         bail!(
@@ -61,7 +81,7 @@ fn crop(path: &std::path::Path, roi: Roi, image_size: i64, row: usize, field: &s
             chw[c * n + i] = px[c];
         }
     }
-    Ok(chw)
+    Ok((chw, info))
 }
 
 impl SiteData {
@@ -71,12 +91,16 @@ impl SiteData {
         let side = s + 2 * SHIFT_MARGIN;
         let mut us = Vec::with_capacity(rows.len() * (3 * side * side) as usize);
         let mut swe = Vec::with_capacity(us.capacity());
+        let mut images = Vec::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
-            us.extend(crop(&r.us_image, r.us_roi, s, i + 1, "us_image")?);
-            swe.extend(crop(&r.swe_image, r.swe_roi, s, i + 1, "swe_image")?);
+            let (u, ui) = crop(&r.us_image, r.us_roi, s, i + 1, "us_image")?;
+            let (w, wi) = crop(&r.swe_image, r.swe_roi, s, i + 1, "swe_image")?;
+            us.extend(u);
+            swe.extend(w);
+            images.push([ui, wi]);
         }
         let clinical = rows.iter().flat_map(|r| encode_clinical_reference(&r.clinical)).collect();
-        Ok(Self { us, swe, side, clinical, rows, image_size: s })
+        Ok(Self { us, swe, side, clinical, images, rows, image_size: s })
     }
 
     pub fn len(&self) -> usize {

@@ -6,6 +6,7 @@
 
 mod client;
 mod data;
+mod dicom;
 mod gradcam;
 mod model;
 mod progress;
@@ -246,6 +247,17 @@ fn check_data(manifest: PathBuf, image_size: u32) -> Result<()> {
             }
         }
     }
+    let sizes = |m: usize| {
+        let (w, h): (Vec<u32>, Vec<u32>) = data.images.iter().map(|i| (i[m].width, i[m].height)).unzip();
+        let spacing: Vec<f64> = data.images.iter().filter_map(|i| i[m].pixel_spacing_mm.map(|s| s.0)).collect();
+        serde_json::json!({
+            "width": [w.iter().min(), w.iter().max()],
+            "height": [h.iter().min(), h.iter().max()],
+            "dicom_files": data.images.iter().filter(|i| i[m].dicom).count(),
+            "with_pixel_spacing": spacing.len(),
+            "pixel_spacing_mm": [spacing.iter().copied().reduce(f64::min), spacing.iter().copied().reduce(f64::max)],
+        })
+    };
     let summary = serde_json::json!({
         "manifest": manifest.display().to_string(),
         "patients": n,
@@ -253,6 +265,8 @@ fn check_data(manifest: PathBuf, image_size: u32) -> Result<()> {
         "by_split": by_split,
         "missing_values": missing,
         "images_checked": 2 * n,
+        "us_images": sizes(0),
+        "swe_images": sizes(1),
     });
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
