@@ -8,6 +8,7 @@
 //! | `us_image`, `swe_image` | B-mode and SWE image paths, relative to the manifest | PNG, JPEG or DICOM (`.dcm`, grayscale or RGB) |
 //! | `us_roi_x`,`us_roi_y`,`us_roi_w`,`us_roi_h` | ROI box in the US image, pixels | inside the image |
 //! | `swe_roi_x`,`swe_roi_y`,`swe_roi_w`,`swe_roi_h` | ROI box in the SWE image | inside the image |
+//! | `us_roi_mask`, `swe_roi_mask` | optional: a segmentation mask image instead of the box (its non-zero pixels' bounding box is the ROI) | same size as the image |
 //! | `age` | years | 18-100, or empty (missing) |
 //! | `us_size_mm` | largest lesion diameter on US, mm | 1-100, or empty |
 //! | `er`,`pr`,`her2`,`ki67` | receptor / marker status | `positive`, `negative`, or empty |
@@ -144,6 +145,15 @@ pub struct Roi {
     pub h: u32,
 }
 
+/// Where a modality's region of interest comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoiSpec {
+    /// A box drawn by hand or exported with the images.
+    Box(Roi),
+    /// A segmentation mask (same size as the image); the ROI is its foreground's bounding box.
+    Mask(PathBuf),
+}
+
 /// One manifest row, parsed and checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ManifestRow {
@@ -151,19 +161,22 @@ pub struct ManifestRow {
     /// Absolute (resolved against the manifest's folder).
     pub us_image: PathBuf,
     pub swe_image: PathBuf,
-    pub us_roi: Roi,
-    pub swe_roi: Roi,
+    pub us_roi: RoiSpec,
+    pub swe_roi: RoiSpec,
     pub clinical: Clinical,
     pub n_stage: NStage,
     pub split: Option<Split>,
 }
 
 /// Manifest column names, in the order [`write_manifest`] writes them.
-pub const MANIFEST_COLUMNS: [&str; 23] = [
+pub const MANIFEST_COLUMNS: [&str; 25] = [
     "patient_id", "us_image", "swe_image", "us_roi_x", "us_roi_y", "us_roi_w", "us_roi_h", "swe_roi_x",
     "swe_roi_y", "swe_roi_w", "swe_roi_h", "age", "us_size_mm", "er", "pr", "her2", "ki67", "birads",
-    "histology", "location", "axillary_us", "n_stage", "split",
+    "histology", "location", "axillary_us", "n_stage", "split", "us_roi_mask", "swe_roi_mask",
 ];
+
+/// Columns a manifest may leave out of its header.
+const OPTIONAL_COLUMNS: [&str; 3] = ["split", "us_roi_mask", "swe_roi_mask"];
 
 /// Reads and checks a manifest; errors name the file, the row (1-based, header excluded) and the field.
 pub fn read_manifest(path: &Path) -> Result<Vec<ManifestRow>> {
@@ -182,8 +195,10 @@ pub fn parse_manifest(input: impl std::io::Read, path: &Path, base: &Path) -> Re
         .map_err(|e| Error::io(path, std::io::Error::other(e)))?
         .clone();
     let col: HashMap<&str, usize> = headers.iter().enumerate().map(|(i, h)| (h, i)).collect();
-    for required in &MANIFEST_COLUMNS[..MANIFEST_COLUMNS.len() - 1] {
-        if !col.contains_key(required) {
+    for required in MANIFEST_COLUMNS.iter().filter(|c| !OPTIONAL_COLUMNS.contains(c)) {
+        // A modality with a mask column may leave out its box columns.
+        let masked = ["us", "swe"].iter().any(|m| required.starts_with(&format!("{m}_roi_")) && col.contains_key(format!("{m}_roi_mask").as_str()));
+        if !col.contains_key(required) && !masked {
             return Err(Error::Manifest {
                 path: path.into(),
                 row: 0,
@@ -239,7 +254,13 @@ impl FieldReader<'_> {
         let v = self.required(field)?;
         v.parse().map_err(|_| self.err(field, format!("{v:?} is not a non-negative whole number of pixels")))
     }
-    fn roi(&self, prefix: &str) -> Result<Roi> {
+    fn roi(&self, prefix: &str, base: &Path) -> Result<RoiSpec> {
+        match self.raw(&format!("{prefix}_mask")) {
+            "" => self.roi_box(prefix).map(RoiSpec::Box),
+            mask => Ok(RoiSpec::Mask(base.join(mask))),
+        }
+    }
+    fn roi_box(&self, prefix: &str) -> Result<Roi> {
         let roi = Roi {
             x: self.pixel(&format!("{prefix}_x"))?,
             y: self.pixel(&format!("{prefix}_y"))?,
@@ -283,8 +304,8 @@ impl FieldReader<'_> {
             patient_id: self.required("patient_id")?.to_string(),
             us_image: base.join(self.required("us_image")?),
             swe_image: base.join(self.required("swe_image")?),
-            us_roi: self.roi("us_roi")?,
-            swe_roi: self.roi("swe_roi")?,
+            us_roi: self.roi("us_roi", base)?,
+            swe_roi: self.roi("swe_roi", base)?,
             clinical: Clinical {
                 age_years: self.number("age", 18.0..=100.0)?,
                 us_size_mm: self.number("us_size_mm", 1.0..=100.0)?,
@@ -316,20 +337,31 @@ pub fn write_manifest(path: &Path, rows: &[ManifestRow]) -> Result<()> {
         None => String::new(),
     };
     let rel = |p: &Path| p.strip_prefix(base).unwrap_or(p).to_string_lossy().into_owned();
+    // Box columns and mask column of one modality.
+    let roi = |spec: &RoiSpec| -> ([String; 4], String) {
+        match spec {
+            RoiSpec::Box(b) => ([b.x.to_string(), b.y.to_string(), b.w.to_string(), b.h.to_string()], String::new()),
+            RoiSpec::Mask(p) => (Default::default(), rel(p)),
+        }
+    };
     for r in rows {
         let c = &r.clinical;
+        let (ub, um) = roi(&r.us_roi);
+        let (sb, sm) = roi(&r.swe_roi);
+        let [ux, uy, uw, uh] = ub;
+        let [sx, sy, sw, sh] = sb;
         w.write_record([
             r.patient_id.clone(),
             rel(&r.us_image),
             rel(&r.swe_image),
-            r.us_roi.x.to_string(),
-            r.us_roi.y.to_string(),
-            r.us_roi.w.to_string(),
-            r.us_roi.h.to_string(),
-            r.swe_roi.x.to_string(),
-            r.swe_roi.y.to_string(),
-            r.swe_roi.w.to_string(),
-            r.swe_roi.h.to_string(),
+            ux,
+            uy,
+            uw,
+            uh,
+            sx,
+            sy,
+            sw,
+            sh,
             opt_num(c.age_years),
             opt_num(c.us_size_mm),
             opt_status(c.er_positive),
@@ -342,6 +374,8 @@ pub fn write_manifest(path: &Path, rows: &[ManifestRow]) -> Result<()> {
             opt_status(c.axillary_us_positive),
             r.n_stage.as_str().to_string(),
             r.split.map(|s| s.as_str().to_string()).unwrap_or_default(),
+            um,
+            sm,
         ])
         .map_err(io)?;
     }
@@ -560,10 +594,29 @@ mod tests {
         assert_eq!(rows[0].n_stage, NStage::N1to2);
         assert_eq!(rows[0].clinical.her2_positive, None);
         assert_eq!(rows[0].us_image, dir.path().join("us/p1.png"));
+        assert_eq!(rows[0].us_roi, RoiSpec::Box(Roi { x: 1, y: 2, w: 30, h: 40 }));
         assert_eq!(rows[0].split, Some(Split::Test));
         let p2 = dir.path().join("copy.csv");
         write_manifest(&p2, &rows).unwrap();
         assert_eq!(read_manifest(&p2).unwrap(), rows);
+    }
+
+    #[test]
+    fn a_mask_column_replaces_the_box() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.csv");
+        std::fs::write(
+            &p,
+            "patient_id,us_image,swe_image,swe_roi_x,swe_roi_y,swe_roi_w,swe_roi_h,age,us_size_mm,er,pr,her2,ki67,birads,histology,location,axillary_us,n_stage,us_roi_mask\n\
+             p1,a.png,b.png,1,2,3,4,50,20,,,,,,,,,N0,masks/p1.png\n",
+        )
+        .unwrap();
+        let rows = read_manifest(&p).unwrap();
+        assert_eq!(rows[0].us_roi, RoiSpec::Mask(dir.path().join("masks/p1.png")));
+        assert_eq!(rows[0].swe_roi, RoiSpec::Box(Roi { x: 1, y: 2, w: 3, h: 4 }));
+        let copy = dir.path().join("copy.csv");
+        write_manifest(&copy, &rows).unwrap();
+        assert_eq!(read_manifest(&copy).unwrap(), rows);
     }
 
     #[test]

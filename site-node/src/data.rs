@@ -7,7 +7,7 @@
 //! steps (the paper's directional crops) with random horizontal/vertical flips; evaluation
 //! uses the centred window.
 
-use aln_common::cohort::{CLINICAL_FEATURES, ManifestRow, NStage, Roi, Split, encode_clinical_reference};
+use aln_common::cohort::{CLINICAL_FEATURES, ManifestRow, NStage, Roi, RoiSpec, Split, encode_clinical_reference};
 use aln_common::experiment::InputMode;
 use aln_common::constants::{IMAGENET_MEAN, IMAGENET_STD};
 use anyhow::{Context, Result, bail};
@@ -47,7 +47,7 @@ pub struct ImageInfo {
 
 /// Reads one image (PNG, JPEG or DICOM) and returns the margin-widened ROI crop resized to
 /// `side × side` RGB, with what was learned of the file.
-fn crop(path: &std::path::Path, roi: Roi, image_size: i64, row: usize, field: &str) -> Result<(Vec<u8>, ImageInfo)> {
+fn crop(path: &std::path::Path, roi: &RoiSpec, image_size: i64, row: usize, field: &str) -> Result<(Vec<u8>, ImageInfo)> {
     let (img, dicom, pixel_spacing_mm) = if crate::dicom::is_dicom(path) {
         let d = crate::dicom::load(path).with_context(|| format!("row {row}, `{field}`"))?;
         (d.image, true, d.pixel_spacing_mm)
@@ -56,6 +56,10 @@ fn crop(path: &std::path::Path, roi: Roi, image_size: i64, row: usize, field: &s
         (i, false, None)
     };
     let info = ImageInfo { width: img.width(), height: img.height(), dicom, pixel_spacing_mm };
+    let roi = match roi {
+        RoiSpec::Box(b) => *b,
+        RoiSpec::Mask(mask) => mask_box(mask, img.width(), img.height()).with_context(|| format!("row {row}, `{field}_roi_mask`"))?,
+    };
     let (w, h) = (img.width(), img.height());
     if roi.x + roi.w > w || roi.y + roi.h > h {
         bail!(
@@ -84,6 +88,27 @@ fn crop(path: &std::path::Path, roi: Roi, image_size: i64, row: usize, field: &s
     Ok((chw, info))
 }
 
+/// Bounding box of a mask's non-zero pixels; the mask must match the image's size.
+fn mask_box(path: &std::path::Path, width: u32, height: u32) -> Result<Roi> {
+    let mask = image::open(path).with_context(|| format!("cannot read mask {}", path.display()))?.to_luma8();
+    if mask.dimensions() != (width, height) {
+        bail!("mask {} is {}×{} but the image is {width}×{height}", path.display(), mask.width(), mask.height());
+    }
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0, 0);
+    for (x, y, p) in mask.enumerate_pixels() {
+        if p[0] > 0 {
+            x0 = x0.min(x);
+            y0 = y0.min(y);
+            x1 = x1.max(x);
+            y1 = y1.max(y);
+        }
+    }
+    if x0 == u32::MAX {
+        bail!("mask {} has no foreground pixel", path.display());
+    }
+    Ok(Roi { x: x0, y: y0, w: x1 - x0 + 1, h: y1 - y0 + 1 })
+}
+
 impl SiteData {
     /// Loads and crops every patient's images; errors name the manifest row and field.
     pub fn load(rows: Vec<ManifestRow>, image_size: u32) -> Result<Self> {
@@ -93,8 +118,8 @@ impl SiteData {
         let mut swe = Vec::with_capacity(us.capacity());
         let mut images = Vec::with_capacity(rows.len());
         for (i, r) in rows.iter().enumerate() {
-            let (u, ui) = crop(&r.us_image, r.us_roi, s, i + 1, "us_image")?;
-            let (w, wi) = crop(&r.swe_image, r.swe_roi, s, i + 1, "swe_image")?;
+            let (u, ui) = crop(&r.us_image, &r.us_roi, s, i + 1, "us_image")?;
+            let (w, wi) = crop(&r.swe_image, &r.swe_roi, s, i + 1, "swe_image")?;
             us.extend(u);
             swe.extend(w);
             images.push([ui, wi]);
@@ -228,5 +253,36 @@ impl BalancedSampler {
                 c[rng.random_range(0..c.len())]
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aln_common::cohort::Clinical;
+
+    #[test]
+    fn a_mask_gives_the_same_crop_as_its_bounding_box() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image::RgbImage::from_fn(50, 40, |x, y| image::Rgb([(x * 5) as u8, (y * 6) as u8, 90]));
+        img.save(dir.path().join("us.png")).unwrap();
+        let mask = image::GrayImage::from_fn(50, 40, |x, y| image::Luma([u8::from((10..30).contains(&x) && (5..25).contains(&y)) * 255]));
+        mask.save(dir.path().join("mask.png")).unwrap();
+        image::GrayImage::new(50, 40).save(dir.path().join("empty.png")).unwrap();
+        let row = |spec: RoiSpec| ManifestRow {
+            patient_id: "p".into(),
+            us_image: dir.path().join("us.png"),
+            swe_image: dir.path().join("us.png"),
+            us_roi: spec.clone(),
+            swe_roi: spec,
+            clinical: Clinical::default(),
+            n_stage: NStage::N0,
+            split: Some(Split::Train),
+        };
+        let by_mask = SiteData::load(vec![row(RoiSpec::Mask(dir.path().join("mask.png")))], 16).unwrap();
+        let by_box = SiteData::load(vec![row(RoiSpec::Box(Roi { x: 10, y: 5, w: 20, h: 20 }))], 16).unwrap();
+        assert_eq!(by_mask.centred_rgb(0, false), by_box.centred_rgb(0, false));
+        let e = SiteData::load(vec![row(RoiSpec::Mask(dir.path().join("empty.png")))], 16).err().unwrap();
+        assert!(format!("{e:#}").contains("us_image_roi_mask") && format!("{e:#}").contains("no foreground"), "{e:#}");
     }
 }

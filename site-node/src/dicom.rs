@@ -103,15 +103,15 @@ pub(crate) mod tests {
         assert_eq!(d.pixel_spacing_mm, None);
 
         // The training pipeline reads a DICOM exactly like the same pixels as PNG.
-        use aln_common::cohort::{Clinical, ManifestRow, NStage, Roi, Split};
+        use aln_common::cohort::{Clinical, ManifestRow, NStage, Roi, RoiSpec, Split};
         let png_path = dir.path().join("same.png");
         image::RgbImage::from_raw(w as u32, h as u32, rgb.clone()).unwrap().save(&png_path).unwrap();
         let row = |img: &Path| ManifestRow {
             patient_id: "p".into(),
             us_image: img.to_path_buf(),
             swe_image: img.to_path_buf(),
-            us_roi: Roi { x: 5, y: 4, w: 20, h: 18 },
-            swe_roi: Roi { x: 5, y: 4, w: 20, h: 18 },
+            us_roi: RoiSpec::Box(Roi { x: 5, y: 4, w: 20, h: 18 }),
+            swe_roi: RoiSpec::Box(Roi { x: 5, y: 4, w: 20, h: 18 }),
             clinical: Clinical::default(),
             n_stage: NStage::N0,
             split: Some(Split::Train),

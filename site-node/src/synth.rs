@@ -16,7 +16,7 @@ use std::f32::consts::PI;
 use std::path::{Path, PathBuf};
 
 use aln_common::cohort::{
-    BiRads, Clinical, Histology, Location, ManifestRow, NStage, Roi, assign_splits, write_manifest,
+    BiRads, Clinical, Histology, Location, ManifestRow, NStage, Roi, RoiSpec, assign_splits, write_manifest,
 };
 use anyhow::{Context, Result};
 use image::{GrayImage, Luma, Rgb, RgbImage};
@@ -152,8 +152,8 @@ fn write_site(dir: &Path, name: &str, stages: &[NStage], prof: SiteProfile, opts
             patient_id: id,
             us_image: dir.join(us_rel),
             swe_image: dir.join(swe_rel),
-            us_roi: lesion.roi,
-            swe_roi: lesion.roi,
+            us_roi: RoiSpec::Box(lesion.roi),
+            swe_roi: RoiSpec::Box(lesion.roi),
             clinical,
             n_stage: stage,
             split: Some(split),
@@ -344,7 +344,8 @@ mod tests {
         for r in &rows {
             let img = image::open(&r.us_image).unwrap();
             assert_eq!(img.width(), 64);
-            assert!(r.us_roi.x + r.us_roi.w <= 64 && r.us_roi.y + r.us_roi.h <= 64);
+            let RoiSpec::Box(b) = r.us_roi.clone() else { panic!("synthetic rows use boxes") };
+            assert!(b.x + b.w <= 64 && b.y + b.h <= 64);
             assert!(r.split.is_some());
         }
         let again = SynthOptions { out: dir.path().join("b"), ..opts };
