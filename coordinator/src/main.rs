@@ -263,7 +263,7 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
-                _ = shutdown_signal() => info!("shutdown signal: stopping; completed rounds are on disk"),
+                _ = aln_common::shutdown::signal() => info!("shutdown signal: stopping; completed rounds are on disk"),
                 _ = async { stop.wait_for(|s| *s).await.is_ok() } => info!("admin stop: stopping; completed rounds are on disk"),
             }
         }
@@ -293,15 +293,4 @@ async fn admin_client(kit: &std::path::Path, addr: &str) -> Result<aln_proto::ad
         .await
         .with_context(|| format!("cannot reach the coordinator at {addr}"))?;
     Ok(aln_proto::admin_client::AdminClient::new(channel))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

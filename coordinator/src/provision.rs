@@ -88,42 +88,52 @@ pub fn provision(req: &ProvisionRequest) -> Result<()> {
 
     // Coordinator server certificate.
     let coord_dir = req.out.join("coordinator");
-    let key = KeyPair::generate()?;
-    let mut p = params("coordinator", &req.consortium, req.coordinator_names.clone(), req.valid_days)?;
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let cert = p.signed_by(&key, &issuer)?;
-    write(&coord_dir.join("ca.pem"), &ca_pem)?;
-    write(&coord_dir.join("coordinator.pem"), &cert.pem())?;
-    write(&coord_dir.join("coordinator.key"), &key.serialize_pem())?;
+    let id = Identity { cn: "coordinator", consortium: &req.consortium, sans: req.coordinator_names.clone(), days: req.valid_days, server: true };
+    write_identity(&coord_dir, "coordinator", &id, &issuer, &ca_pem)?;
     write(&coord_dir.join("coordinator.toml"), &config::coordinator_template(&req.sites))?;
 
     // The operator's admin identity (status, stop).
     let admin_dir = req.out.join("admin");
-    let key = KeyPair::generate()?;
-    let mut p = params("admin", &req.consortium, vec![], req.valid_days)?;
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let cert = p.signed_by(&key, &issuer)?;
-    write(&admin_dir.join("ca.pem"), &ca_pem)?;
-    write(&admin_dir.join("admin.pem"), &cert.pem())?;
-    write(&admin_dir.join("admin.key"), &key.serialize_pem())?;
+    let id = Identity { cn: "admin", consortium: &req.consortium, sans: vec![], days: req.valid_days, server: false };
+    write_identity(&admin_dir, "admin", &id, &issuer, &ca_pem)?;
 
     for site in &req.sites {
-        let dir = req.out.join("sites").join(site.as_str());
-        let key = KeyPair::generate()?;
-        let mut p = params(site.as_str(), &req.consortium, vec![], req.valid_days)?;
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let cert = p.signed_by(&key, &issuer)?;
-        write(&dir.join("ca.pem"), &ca_pem)?;
-        write(&dir.join("site.pem"), &cert.pem())?;
-        write(&dir.join("site.key"), &key.serialize_pem())?;
-        write(&dir.join("site.toml"), &config::site_template(&req.coordinator_url))?;
-        write(&dir.join("README.txt"), &site_readme(site))?;
-        write_start_script(&dir)?;
+        write_site_kit(&req.out, site, &req.consortium, req.valid_days, &req.coordinator_url, &issuer, &ca_pem)?;
     }
     Ok(())
+}
+
+/// Who a certificate is for.
+struct Identity<'a> {
+    cn: &'a str,
+    consortium: &'a str,
+    sans: Vec<String>,
+    days: i64,
+    /// Server (coordinator) or client (site, admin) certificate.
+    server: bool,
+}
+
+/// Issues a key and certificate signed by the CA into `dir/<stem>.pem|.key`, with the CA beside them.
+fn write_identity(dir: &Path, stem: &str, id: &Identity<'_>, issuer: &Issuer<'_, KeyPair>, ca_pem: &str) -> Result<()> {
+    let key = KeyPair::generate()?;
+    let mut p = params(id.cn, id.consortium, id.sans.clone(), id.days)?;
+    p.extended_key_usages = vec![if id.server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    let cert = p.signed_by(&key, issuer)?;
+    write(&dir.join("ca.pem"), ca_pem)?;
+    write(&dir.join(format!("{stem}.pem")), &cert.pem())?;
+    write(&dir.join(format!("{stem}.key")), &key.serialize_pem())
+}
+
+/// A hospital's startup kit: certificate and key, CA, config, README, start script.
+fn write_site_kit(pki: &Path, site: &SiteId, consortium: &str, days: i64, url: &str, issuer: &Issuer<'_, KeyPair>, ca_pem: &str) -> Result<PathBuf> {
+    let dir = pki.join("sites").join(site.as_str());
+    let id = Identity { cn: site.as_str(), consortium, sans: vec![], days, server: false };
+    write_identity(&dir, "site", &id, issuer, ca_pem)?;
+    write(&dir.join("site.toml"), &config::site_template(url))?;
+    write(&dir.join("README.txt"), &site_readme(site))?;
+    write_start_script(&dir)?;
+    Ok(dir)
 }
 
 /// `start.sh` in a site kit: checks the data, then joins the federation.
@@ -148,20 +158,7 @@ pub fn issue_site(pki: &Path, site: &SiteId, valid_days: i64, coordinator_url: &
     let ca_pem = std::fs::read_to_string(pki.join("ca/ca.pem")).with_context(|| format!("reading {}", pki.join("ca/ca.pem").display()))?;
     let ca_key = KeyPair::from_pem(&std::fs::read_to_string(pki.join("ca/ca.key")).with_context(|| format!("reading {}", pki.join("ca/ca.key").display()))?)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)?;
-    let dir = pki.join("sites").join(site.as_str());
-    let key = KeyPair::generate()?;
-    let consortium = "ALN federation";
-    let mut p = params(site.as_str(), consortium, vec![], valid_days)?;
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    let cert = p.signed_by(&key, &issuer)?;
-    write(&dir.join("ca.pem"), &ca_pem)?;
-    write(&dir.join("site.pem"), &cert.pem())?;
-    write(&dir.join("site.key"), &key.serialize_pem())?;
-    write(&dir.join("site.toml"), &config::site_template(coordinator_url))?;
-    write(&dir.join("README.txt"), &site_readme(site))?;
-    write_start_script(&dir)?;
-    Ok(dir)
+    write_site_kit(pki, site, "ALN federation", valid_days, coordinator_url, &issuer, &ca_pem)
 }
 
 fn site_readme(site: &SiteId) -> String {

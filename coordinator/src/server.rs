@@ -81,6 +81,20 @@ pub async fn run(
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The Common Name of the verified client certificate, unless it is deny-listed.
+fn peer_identity<T>(ctl: &RoundController, req: &Request<T>) -> CoordResult<String> {
+    let certs = req.peer_certs().ok_or(CoordinatorError::NoCertificate)?;
+    let leaf = certs.first().ok_or(CoordinatorError::NoCertificate)?;
+    let cn = tls::common_name(leaf.as_ref())?;
+    let fingerprint = tls::fingerprint(leaf.as_ref());
+    if ctl.config().federation.denied_certificates.iter().any(|d| d.eq_ignore_ascii_case(&fingerprint)) {
+        warn!(common_name = %cn, %fingerprint, "refused a revoked certificate");
+        ctl.audit().record("identity_refused", &cn, serde_json::json!({"reason": "certificate is deny-listed", "fingerprint": fingerprint}));
+        return Err(CoordinatorError::NotAdmitted(format!("{cn} (revoked certificate {fingerprint})")));
+    }
+    Ok(cn)
+}
+
 pub struct FederationService {
     ctl: Arc<RoundController>,
 }
@@ -88,15 +102,7 @@ pub struct FederationService {
 impl FederationService {
     /// The caller's site id, from the verified client certificate; refuses outsiders.
     fn identify<T>(&self, req: &Request<T>) -> CoordResult<SiteId> {
-        let certs = req.peer_certs().ok_or(CoordinatorError::NoCertificate)?;
-        let leaf = certs.first().ok_or(CoordinatorError::NoCertificate)?;
-        let cn = tls::common_name(leaf.as_ref())?;
-        let fingerprint = tls::fingerprint(leaf.as_ref());
-        if self.ctl.config().federation.denied_certificates.iter().any(|d| d.eq_ignore_ascii_case(&fingerprint)) {
-            warn!(common_name = %cn, %fingerprint, "refused a revoked certificate");
-            self.ctl.audit().record("identity_refused", &cn, serde_json::json!({"reason": "certificate is deny-listed", "fingerprint": fingerprint}));
-            return Err(CoordinatorError::NotAdmitted(format!("{cn} (revoked certificate {fingerprint})")));
-        }
+        let cn = peer_identity(&self.ctl, req)?;
         match SiteId::new(cn.clone()) {
             Ok(site) if self.ctl.is_admitted(&site) => Ok(site),
             _ => {
@@ -240,12 +246,8 @@ pub struct AdminService {
 
 impl AdminService {
     fn identify<T>(&self, req: &Request<T>) -> CoordResult<String> {
-        let certs = req.peer_certs().ok_or(CoordinatorError::NoCertificate)?;
-        let leaf = certs.first().ok_or(CoordinatorError::NoCertificate)?;
-        let cn = tls::common_name(leaf.as_ref())?;
-        let fingerprint = tls::fingerprint(leaf.as_ref());
-        let cfg = &self.ctl.config().federation;
-        if cfg.admins.contains(&cn) && !cfg.denied_certificates.iter().any(|d| d.eq_ignore_ascii_case(&fingerprint)) {
+        let cn = peer_identity(&self.ctl, req)?;
+        if self.ctl.config().federation.admins.contains(&cn) {
             Ok(cn)
         } else {
             warn!(common_name = %cn, "refused an admin request from a non-admin certificate");

@@ -21,18 +21,12 @@ pub struct Overlay {
     pub png: Vec<u8>,
 }
 
-/// Jet colour map, 0 → blue, 1 → red.
-fn jet(t: f32) -> [f32; 3] {
-    let t = t.clamp(0.0, 1.0);
-    [(1.5 - (4.0 * t - 3.0).abs()).clamp(0.0, 1.0), (1.5 - (4.0 * t - 2.0).abs()).clamp(0.0, 1.0), (1.5 - (4.0 * t - 1.0).abs()).clamp(0.0, 1.0)]
-}
-
 fn overlay_png(rgb: &[u8], cam: &Tensor, side: i64) -> Result<Vec<u8>> {
     let up = cam.view([1, 1, cam.size()[0], cam.size()[1]]).upsample_bilinear2d([side, side], false, None, None).view([side * side]);
     let heat = Vec::<f32>::try_from(up.to_device(Device::Cpu).to_kind(Kind::Float))?;
     let mut img = RgbImage::new(side as u32, side as u32);
     for (i, px) in img.pixels_mut().enumerate() {
-        let c = jet(heat[i]);
+        let c = crate::colormap::jet(heat[i]);
         for k in 0..3 {
             px.0[k] = (0.55 * rgb[3 * i + k] as f32 + 0.45 * 255.0 * c[k]).clamp(0.0, 255.0) as u8;
         }

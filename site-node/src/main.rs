@@ -5,6 +5,7 @@
 #![allow(clippy::print_stdout)]
 
 mod client;
+mod colormap;
 mod data;
 mod dicom;
 mod gradcam;
@@ -287,22 +288,11 @@ async fn run(cfg: SiteConfig, patience: Duration) -> Result<()> {
                 info!("run summary:\n{summary}");
             }
         }),
-        _ = shutdown_signal() => {
+        _ = aln_common::shutdown::signal() => {
             // Everything kept locally was written atomically; the coordinator keeps the
             // round open, so a restarted site-node simply picks up its task again.
             info!("stopping on signal; restart with the same command to rejoin the run");
             Ok(())
         }
     }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -277,15 +277,6 @@ fn render_bmode(l: &Lesion, p: SiteProfile, px: u32, rng: &mut StdRng) -> GrayIm
     img
 }
 
-/// Jet-like SWE colour scale: 0 = soft (blue) … 1 = stiff (red).
-fn jet(t: f32) -> [u8; 3] {
-    let t = t.clamp(0.0, 1.0);
-    let r = (1.5 - (4.0 * t - 3.0).abs()).clamp(0.0, 1.0);
-    let g = (1.5 - (4.0 * t - 2.0).abs()).clamp(0.0, 1.0);
-    let b = (1.5 - (4.0 * t - 1.0).abs()).clamp(0.0, 1.0);
-    [(r * 255.0) as u8, (g * 255.0) as u8, (b * 255.0) as u8]
-}
-
 fn render_swe(l: &Lesion, bmode: &GrayImage, u: f32, p: SiteProfile, rng: &mut StdRng) -> RgbImage {
     let (w, h) = bmode.dimensions();
     let mut img = RgbImage::new(w, h);
@@ -310,7 +301,7 @@ fn render_swe(l: &Lesion, bmode: &GrayImage, u: f32, p: SiteProfile, rng: &mut S
                 background_kpa + (lesion_kpa - background_kpa) * rim * 0.8
             };
             let noise: f32 = rng.random_range(-6.0..6.0);
-            let c = jet((kpa * p.swe_scale + noise) / 180.0);
+            let c = crate::colormap::jet((kpa * p.swe_scale + noise) / 180.0).map(|v| (v * 255.0) as u8);
             // Colour over B-mode, 80% opacity.
             let mix = |c: u8| (0.8 * c as f32 + 0.2 * g as f32) as u8;
             img.put_pixel(x, y, Rgb([mix(c[0]), mix(c[1]), mix(c[2])]));

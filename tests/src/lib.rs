@@ -168,3 +168,19 @@ pub fn channel(addr: &str, id: &ClientIdentity) -> Result<Channel> {
 pub async fn connect(addr: &str, id: &ClientIdentity) -> Result<FederationClient<Channel>> {
     Ok(FederationClient::new(channel(addr, id)?).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20))
 }
+
+/// Starts `site-node run` for `site` of a provisioned consortium, with its synthetic manifest
+/// under `root/cohort/<site>/`, its work dir under `root/work/<site>/`, stderr to `root/<log>`.
+pub fn start_site(root: &Path, pki: &Path, url: &str, site: &str, log: &str) -> Result<Child> {
+    let log = std::fs::File::create(root.join(log))?;
+    Ok(Command::new(bin("site-node"))
+        .args(["run", "--threads", "1", "--device", "cpu", "--coordinator", url, "--config"])
+        .arg(pki.join(format!("sites/{site}/site.toml")))
+        .arg("--manifest")
+        .arg(root.join(format!("cohort/{site}/manifest.csv")))
+        .arg("--work-dir")
+        .arg(root.join(format!("work/{site}")))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log))
+        .spawn()?)
+}

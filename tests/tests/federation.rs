@@ -8,7 +8,7 @@
 //! test patients are exactly the manifests' test rows.
 
 use std::collections::BTreeSet;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use aln_common::cohort::{Split, read_manifest};
@@ -41,18 +41,7 @@ fn three_sites_federate_and_the_report_is_consistent() -> anyhow::Result<()> {
 
     let mut sites = Vec::new();
     for s in SITES {
-        let log = std::fs::File::create(root.join(format!("{s}.log")))?;
-        let child = Command::new(bin("site-node"))
-            .args(["run", "--threads", "1", "--device", "cpu", "--coordinator", &coord.url(), "--config"])
-            .arg(pki.join(format!("sites/{s}/site.toml")))
-            .arg("--manifest")
-            .arg(root.join(format!("cohort/{s}/manifest.csv")))
-            .arg("--work-dir")
-            .arg(root.join(format!("work/{s}")))
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()?;
-        sites.push((s, child));
+        sites.push((s, start_site(root, &pki, &coord.url(), s, &format!("{s}.log"))?));
     }
     let status = coord.wait(Duration::from_secs(900))?;
     assert!(status.success(), "coordinator failed:\n{}", coord.log_text());

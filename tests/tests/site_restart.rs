@@ -2,26 +2,12 @@
 //! with the same command: it rejoins, trains the still-open round from the current global
 //! model, and the run completes. A site stopped with SIGTERM exits cleanly.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use aln_e2e::*;
 
 const SITES: [&str; 2] = ["site-a", "site-b"];
-
-fn start_site(root: &std::path::Path, pki: &std::path::Path, url: &str, s: &str, log_name: &str) -> anyhow::Result<Child> {
-    let log = std::fs::File::create(root.join(log_name))?;
-    Ok(Command::new(bin("site-node"))
-        .args(["run", "--threads", "1", "--device", "cpu", "--coordinator", url, "--config"])
-        .arg(pki.join(format!("sites/{s}/site.toml")))
-        .arg("--manifest")
-        .arg(root.join(format!("cohort/{s}/manifest.csv")))
-        .arg("--work-dir")
-        .arg(root.join(format!("work/{s}")))
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log))
-        .spawn()?)
-}
 
 fn wait_for_log(path: &std::path::Path, needle: &str, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
