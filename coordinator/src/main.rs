@@ -231,8 +231,22 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
     };
 
     // Timeouts are checked by a ticker; progress is logged every 10 s.
+    // On a terminal a bar counts rounds over the whole study; logs carry the same progress.
+    let total_rounds = u64::from(cfg.federation.rounds) * cfg.study.plan(&cfg.federation.sites).len() as u64;
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new(total_rounds);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("rounds [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     let ticker = {
         let ctl = ctl.clone();
+        let bar = bar.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             let mut last = String::new();
@@ -242,8 +256,10 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
                 ctl.advance();
                 n += 1;
                 let now = ctl.describe();
+                bar.set_position(ctl.metrics_snapshot().rounds_completed as u64);
+                bar.set_message(now.clone());
                 if now != last || n.is_multiple_of(40) {
-                    info!(progress = %now);
+                    bar.suspend(|| info!(progress = %now));
                     last = now;
                 }
             }
@@ -270,6 +286,7 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
     };
     coordinator::server::run(listener, tls, ctl.clone(), shutdown).await?;
     ticker.abort();
+    bar.finish_and_clear();
     if let Some(m) = metrics {
         m.abort();
     }
