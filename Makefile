@@ -27,6 +27,8 @@ demo: build
 
 bench: build
 	cargo bench -p aln-common --bench plumbing
+	$(RUN_ENV) cargo build --workspace --release --bins
+	cargo bench -p aln-e2e --bench coordinator_memory
 
 fuzz:
 	bash deploy/fuzz.sh

@@ -166,8 +166,10 @@ impl ModelState {
                 Ok((s.name.clone(), view))
             })
             .collect::<Result<Vec<_>>>()?;
-        let buf = safetensors::serialize(views, Some(metadata.clone())).map_err(|e| st_err(path, e))?;
-        atomic_file::write(path, &buf)
+        // Streamed to disk: no second model-sized buffer.
+        atomic_file::write_via_path(path, |tmp| {
+            safetensors::serialize_to_file(views, Some(metadata.clone()), tmp).map_err(std::io::Error::other)
+        })
     }
 
     /// Reads a safetensors file of f32 tensors; returns the state and its metadata.

@@ -113,7 +113,8 @@ impl RoundController {
         let store = StateStore::new(&cfg.paths.state_dir);
         let experiments = cfg.study.plan(&cfg.federation.sites);
         let plan: Vec<String> = experiments.iter().map(|e| e.id.clone()).collect();
-        let (initial, _) = ModelState::load(&cfg.paths.initial_model)?;
+        // One copy of the initial model, shared with the global model while they are the same.
+        let initial = Arc::new(ModelState::load(&cfg.paths.initial_model)?.0);
         let mut finished = BTreeMap::new();
         let (run, global) = match store.load()? {
             Some(run) => {
@@ -126,7 +127,7 @@ impl RoundController {
                     )));
                 }
                 let exp = &plan[run.experiment.min(plan.len() - 1)];
-                let model = store.load_model(exp, Round(run.completed_rounds), &run.global_model_hash)?;
+                let model = Arc::new(store.load_model(exp, Round(run.completed_rounds), &run.global_model_hash)?);
                 for done in &plan[..run.experiment] {
                     finished.insert(done.clone(), store.load_features(done)?);
                 }
@@ -163,11 +164,11 @@ impl RoundController {
             store,
             audit,
             experiments,
-            initial: Arc::new(initial),
+            initial,
             inner: Mutex::new(Inner {
                 phase: Phase::Evaluating,
                 run,
-                global: Arc::new(global),
+                global,
                 aggregator: None,
                 contributions: vec![],
                 rejected: vec![],
