@@ -26,7 +26,7 @@ fn esc(s: &str) -> String {
 }
 
 fn auc_cell(a: Option<&AucEstimate>) -> String {
-    a.map_or("n/a".into(), |a| format!("{:.3} [{:.3}, {:.3}]", a.auc, a.ci_low, a.ci_high))
+    a.map_or("n/a".into(), ToString::to_string)
 }
 
 fn prop_cell(p: Option<Proportion>) -> String {

@@ -256,8 +256,10 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
                 ctl.advance();
                 n += 1;
                 let now = ctl.describe();
-                bar.set_position(ctl.metrics_snapshot().rounds_completed as u64);
-                bar.set_message(now.clone());
+                if !bar.is_hidden() {
+                    bar.set_position(ctl.metrics_snapshot().rounds_completed as u64);
+                    bar.set_message(now.clone());
+                }
                 if now != last || n.is_multiple_of(40) {
                     bar.suspend(|| info!(progress = %now));
                     last = now;

@@ -169,10 +169,7 @@ fn write_features_csv(path: &std::path::Path, rows: &[FeatureRow]) -> Result<()>
 }
 
 fn fmt_auc(a: Option<&aln_common::stats::AucEstimate>) -> String {
-    match a {
-        Some(a) => format!("{:.3} [{:.3}, {:.3}]", a.auc, a.ci_low, a.ci_high),
-        None => "n/a".into(),
-    }
+    a.map_or("n/a".into(), ToString::to_string)
 }
 
 fn pct(p: Option<aln_common::stats::diagnostic::Proportion>) -> String {

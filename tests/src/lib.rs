@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use aln_common::ids::{ModelHash, Round};
 use aln_common::model_state::ModelState;
+use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta};
 use aln_proto::federation_client::FederationClient;
 use anyhow::{Context, Result, bail};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -183,4 +185,23 @@ pub fn start_site(root: &Path, pki: &Path, url: &str, site: &str, log: &str) -> 
         .stdout(Stdio::null())
         .stderr(Stdio::from(log))
         .spawn()?)
+}
+
+/// The chunk stream of a site's update (`delta` trained from `base`) for `round`.
+pub fn update_chunks(delta: ModelState, base: &ModelHash, round: u32, samples: u64) -> Vec<aln_proto::ModelChunk> {
+    let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(round), base_model_hash: base.clone(), sample_count: samples };
+    ChunkEncoder::new(std::sync::Arc::new(delta), meta, 0).collect()
+}
+
+/// Writes a synthetic cohort, provisions a consortium for it and an initial model with a
+/// small head: the set-up of every test that runs real site-nodes. Returns the pki folder.
+pub fn synthetic_consortium(root: &Path, sites: &[&str], patients: usize, seed: u64) -> Result<PathBuf> {
+    run_ok(
+        Command::new(bin("site-node"))
+            .args(["synth", "--sites", &sites.len().to_string(), "--patients", &patients.to_string(), "--image-px", "64", "--seed", &seed.to_string(), "--out"])
+            .arg(root.join("cohort")),
+    )?;
+    let pki = provision(root, sites)?;
+    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "32", "--feature-dim", "8", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    Ok(pki)
 }

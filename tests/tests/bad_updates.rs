@@ -1,19 +1,16 @@
 //! A corrupted transfer, a NaN and a wrong shape are each refused with a clear Status, and
 //! the round goes on with the others: the next global model is exactly the valid update.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aln_common::ids::{ModelHash, Round};
+use aln_common::ids::ModelHash;
 use aln_common::model_state::ModelState;
-use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta};
 use aln_e2e::*;
 use aln_proto as pb;
 use tonic::Code;
 
 fn chunks(delta: ModelState, base: &ModelHash, samples: u64) -> Vec<pb::ModelChunk> {
-    let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(1), base_model_hash: base.clone(), sample_count: samples };
-    ChunkEncoder::new(Arc::new(delta), meta, 0).collect()
+    update_chunks(delta, base, 1, samples)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

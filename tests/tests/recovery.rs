@@ -2,12 +2,10 @@
 //! from the last completed round, the interrupted round is redone, and the final model is
 //! the one a run without the crash produces from the same updates.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aln_common::ids::{ModelHash, Round};
+use aln_common::ids::ModelHash;
 use aln_common::model_state::ModelState;
-use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta};
 use aln_e2e::*;
 use aln_proto as pb;
 use aln_proto::federation_client::FederationClient;
@@ -39,8 +37,7 @@ fn delta(global: &ModelState, site: usize, round: u32) -> ModelState {
 }
 
 async fn push(c: &mut Client, d: ModelState, base: &ModelHash, round: u32, samples: u64) -> anyhow::Result<()> {
-    let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(round), base_model_hash: base.clone(), sample_count: samples };
-    c.push_update(tokio_stream::iter(ChunkEncoder::new(Arc::new(d), meta, 0).collect::<Vec<_>>())).await?;
+    c.push_update(tokio_stream::iter(update_chunks(d, base, round, samples))).await?;
     Ok(())
 }
 

@@ -24,9 +24,7 @@ fn wait_for_log(path: &std::path::Path, needle: &str, limit: Duration) -> anyhow
 fn a_site_killed_mid_training_rejoins_and_the_run_completes() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path();
-    run_ok(Command::new(bin("site-node")).args(["synth", "--sites", "2", "--patients", "80", "--image-px", "64", "--seed", "5", "--out"]).arg(root.join("cohort")))?;
-    let pki = provision(root, &SITES)?;
-    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "32", "--feature-dim", "8", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    let pki = synthetic_consortium(root, &SITES, 80, 5)?;
     let cfg = write_coordinator_config(
         &pki,
         &SITES,
@@ -59,9 +57,7 @@ fn a_site_killed_mid_training_rejoins_and_the_run_completes() -> anyhow::Result<
 fn sites_ride_out_a_coordinator_crash_and_restart() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path();
-    run_ok(Command::new(bin("site-node")).args(["synth", "--sites", "2", "--patients", "60", "--image-px", "64", "--seed", "8", "--out"]).arg(root.join("cohort")))?;
-    let pki = provision(root, &SITES)?;
-    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "32", "--feature-dim", "8", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    let pki = synthetic_consortium(root, &SITES, 60, 8)?;
     let port = free_port();
     let cfg = write_coordinator_config(
         &pki,
@@ -100,9 +96,7 @@ fn sites_ride_out_a_coordinator_crash_and_restart() -> anyhow::Result<()> {
 fn sigterm_stops_a_site_node_cleanly_mid_training() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let root = dir.path();
-    run_ok(Command::new(bin("site-node")).args(["synth", "--sites", "2", "--patients", "40", "--image-px", "64", "--seed", "6", "--out"]).arg(root.join("cohort")))?;
-    let pki = provision(root, &SITES)?;
-    run_ok(Command::new(bin("site-node")).args(["init-model", "--hidden-dim", "32", "--feature-dim", "8", "--out"]).arg(pki.join("coordinator/initial_model.safetensors")))?;
+    let pki = synthetic_consortium(root, &SITES, 40, 6)?;
     let cfg = write_coordinator_config(&pki, &SITES, "rounds = 1\nmin_sites = 2\n\n[training]\nlocal_steps = 50\nbatch_size = 4\nlearning_rate = 1e-4\nimage_size = 32\nseed = 3\n")?;
     let coord = CoordinatorProc::start(&cfg)?;
     let mut a = start_site(root, &pki, &coord.url(), "site-a", "site-a.log")?;

@@ -33,6 +33,13 @@ pub struct AucEstimate {
     pub n_negative: usize,
 }
 
+impl std::fmt::Display for AucEstimate {
+    /// `0.888 [0.828, 0.949]`, as the paper's tables print an AUC with its 95% CI.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3} [{:.3}, {:.3}]", self.auc, self.ci_low, self.ci_high)
+    }
+}
+
 impl AucEstimate {
     /// An estimate with its 95% CI `auc ± z·se`, clipped to [0, 1] (pROC's convention).
     pub fn new(auc: f64, se: f64, n_positive: usize, n_negative: usize) -> Self {
