@@ -29,6 +29,7 @@ bench: build
 	cargo bench -p aln-common --bench plumbing
 	$(RUN_ENV) cargo build --workspace --release --bins
 	cargo bench -p aln-e2e --bench coordinator_memory
+	$(RUN_ENV) BIN=$(CARGO_TARGET_DIR)/release PY=$(VENV)/bin/python bash deploy/bench_step.sh
 
 fuzz:
 	bash deploy/fuzz.sh

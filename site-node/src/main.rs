@@ -4,6 +4,7 @@
 // Binaries print results for people; libraries only log (see the workspace lints).
 #![allow(clippy::print_stdout)]
 
+mod bench;
 mod client;
 mod colormap;
 mod data;
@@ -80,6 +81,20 @@ enum Command {
         classes: i64,
         #[arg(long, default_value_t = 0)]
         seed: i64,
+    },
+    /// Time the bimodal training step and feature extraction on random inputs (prints JSON).
+    BenchStep {
+        #[arg(long, default_value_t = 64)]
+        image_size: i64,
+        #[arg(long, default_value_t = 8)]
+        batch: i64,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Torch threads (0 = torch's default).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+        device: DeviceArg,
     },
     /// Write a commented site.toml with the defaults, to edit.
     InitConfig {
@@ -172,6 +187,19 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::CheckData { manifest, image_size } => check_data(manifest, image_size),
+        Command::BenchStep { image_size, batch, steps, threads, device } => {
+            if threads > 0 {
+                tch::set_num_threads(threads as i32);
+            }
+            let device = pick_device(match device {
+                DeviceArg::Auto => DeviceChoice::Auto,
+                DeviceArg::Cpu => DeviceChoice::Cpu,
+                DeviceArg::Cuda => DeviceChoice::Cuda,
+            })?;
+            let v = bench::run(&bench::StepBench { image_size, batch, steps, device })?;
+            println!("{v}");
+            Ok(())
+        }
         Command::InitConfig { out, coordinator } => {
             if out.exists() {
                 bail!("{} exists; not overwriting it", out.display());
