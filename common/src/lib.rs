@@ -16,6 +16,7 @@
 //! | [`tls`] | loading PEMs, building tonic TLS configs, site id from certificates |
 //! | [`config`] | coordinator and site-node TOML configuration |
 //! | [`logging`] | `--log-format text|json` set-up shared by both binaries |
+//! | [`progress`] | terminal progress bars shared by both binaries |
 //! | [`shutdown`] | Ctrl-C / SIGTERM, for both binaries |
 //! | [`atomic_file`] | temp file + fsync + rename writes |
 //! | [`error`] | typed errors of this crate |
@@ -31,6 +32,7 @@ pub mod fusion;
 pub mod ids;
 pub mod logging;
 pub mod model_state;
+pub mod progress;
 pub mod shutdown;
 pub mod stats;
 pub mod tls;

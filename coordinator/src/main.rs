@@ -106,30 +106,33 @@ enum Command {
     },
 }
 
+/// A CSV file with a reference-label column (shared by `stats roc` and `stats diag`).
+#[derive(clap::Args)]
+struct LabelledCsv {
+    #[arg(long)]
+    csv: PathBuf,
+    /// Column holding the reference label.
+    #[arg(long)]
+    label: String,
+    /// Label value of the positive class (higher scores = more likely positive).
+    #[arg(long)]
+    positive: String,
+}
+
 #[derive(Subcommand)]
 enum StatsCommand {
     /// AUC with DeLong 95% CI and SE per score; paired DeLong z and p per pair of scores.
     Roc {
-        #[arg(long)]
-        csv: PathBuf,
-        /// Column holding the reference label.
-        #[arg(long)]
-        label: String,
-        /// Label value of the positive class (higher scores = more likely positive).
-        #[arg(long)]
-        positive: String,
+        #[command(flatten)]
+        labelled: LabelledCsv,
         /// Score column (repeatable).
         #[arg(long = "score", required = true)]
         scores: Vec<String>,
     },
     /// Accuracy, sensitivity, specificity, PPV, NPV with Clopper-Pearson 95% CIs.
     Diag {
-        #[arg(long)]
-        csv: PathBuf,
-        #[arg(long)]
-        label: String,
-        #[arg(long)]
-        positive: String,
+        #[command(flatten)]
+        labelled: LabelledCsv,
         /// Column of predicted labels, coded like `--label`.
         #[arg(long)]
         pred: String,
@@ -194,8 +197,8 @@ async fn main() -> Result<()> {
         }
         Command::Stats { what } => {
             let value = match what {
-                StatsCommand::Roc { csv, label, positive, scores } => coordinator::stats_cli::roc(&csv, &label, &positive, &scores)?,
-                StatsCommand::Diag { csv, label, positive, pred } => coordinator::stats_cli::diag(&csv, &label, &positive, &pred)?,
+                StatsCommand::Roc { labelled: l, scores } => coordinator::stats_cli::roc(&l.csv, &l.label, &l.positive, &scores)?,
+                StatsCommand::Diag { labelled: l, pred } => coordinator::stats_cli::diag(&l.csv, &l.label, &l.positive, &pred)?,
                 StatsCommand::Kappa { csv, a, b } => coordinator::stats_cli::kappa(&csv, &a, &b)?,
             };
             println!("{}", serde_json::to_string_pretty(&value)?);
@@ -233,17 +236,7 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
     // Timeouts are checked by a ticker; progress is logged every 10 s.
     // On a terminal a bar counts rounds over the whole study; logs carry the same progress.
     let total_rounds = u64::from(cfg.federation.rounds) * cfg.study.plan(&cfg.federation.sites).len() as u64;
-    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-        let b = indicatif::ProgressBar::new(total_rounds);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("rounds [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = aln_common::progress::rounds(total_rounds);
     let ticker = {
         let ctl = ctl.clone();
         let bar = bar.clone();

@@ -276,7 +276,7 @@ impl Session {
         let mut attempt = 0;
         let ack = loop {
             attempt += 1;
-            let bar = crate::progress::transfer(bytes_sent, "upload");
+            let bar = aln_common::progress::transfer(bytes_sent, "upload");
             let shown = bar.clone();
             let encoder = ChunkEncoder::new(delta.clone(), meta.clone(), 0).inspect(move |c| {
                 if let Some(pb::model_chunk::Part::Tensor(t)) = &c.part {

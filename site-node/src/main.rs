@@ -11,7 +11,6 @@ mod data;
 mod dicom;
 mod gradcam;
 mod model;
-mod progress;
 mod resnet;
 mod synth;
 mod train;

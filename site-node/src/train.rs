@@ -59,7 +59,7 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
     let mut opt = nn::Adam::default().build(&net.vs, plan.learning_rate)?;
     let device = net.vs.device();
     let mut loss_sum = 0.0;
-    let bar = crate::progress::steps(u64::from(plan.local_steps), round);
+    let bar = aln_common::progress::steps(u64::from(plan.local_steps), round);
     for step in 0..plan.local_steps {
         let global_step = u64::from(round - 1) * u64::from(plan.local_steps) + u64::from(step);
         opt.set_lr(learning_rate(plan, global_step, total_steps));
