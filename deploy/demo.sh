@@ -16,6 +16,13 @@ SEED="${DEMO_SEED:-2020}"
 # The paper's controls (US-only, SWE-only, ResNet50+C) and leave-one-site-out validation:
 # six more federated trainings. DEMO_STUDY=false runs the main model alone.
 STUDY="${DEMO_STUDY:-true}"
+# Aggregation, compression and privacy (see [aggregation] and [privacy] in coordinator.toml).
+STRATEGY="${DEMO_STRATEGY:-fedavg}"
+CODEC="${DEMO_CODEC:-fp32}"
+DP="${DEMO_DP:-off}"
+CLIP="${DEMO_CLIP:-1.0}"
+SIGMA="${DEMO_SIGMA:-1.0}"
+SECAGG="${DEMO_SECAGG:-false}"
 SITES=(site-a site-b site-c)
 
 started=$(date +%s)
@@ -34,6 +41,7 @@ echo "== 2/4 provisioning: consortium CA, coordinator certificate, one startup k
 cfg="$OUT/pki/coordinator/coordinator.toml"
 sed -i "s/^share_gradcam = .*/share_gradcam = true/" "$OUT"/pki/sites/*/site.toml
 sed -i "s/^leave_one_site_out = .*/leave_one_site_out = $STUDY/; s/^modality_controls = .*/modality_controls = $STUDY/; s/^clinical_in_head_control = .*/clinical_in_head_control = $STUDY/; s/^listen = .*/listen = \"127.0.0.1:0\"/; s/^rounds = .*/rounds = $ROUNDS/; s/^local_steps = .*/local_steps = $STEPS/; s/^batch_size = .*/batch_size = $BATCH/; s/^image_size = .*/image_size = $IMAGE/" "$cfg"
+sed -i "s/^strategy = .*/strategy = \"$STRATEGY\"/; s/^update_codec = .*/update_codec = \"$CODEC\"/; s/^dp = .*/dp = \"$DP\"/; s/^clip_norm = .*/clip_norm = $CLIP/; s/^noise_multiplier = .*/noise_multiplier = $SIGMA/; s/^secure_aggregation = .*/secure_aggregation = $SECAGG/" "$cfg"
 
 echo "== 3/4 federation: coordinator + ${#SITES[@]} site-nodes on loopback mTLS ($ROUNDS rounds × $STEPS local steps, batch $BATCH, ${IMAGE}px)"
 "$BIN/coordinator" run --config "$cfg" --addr-file "$OUT/coordinator.addr" \
@@ -72,6 +80,7 @@ for r in rep["rounds"]:
     print(f"  round {n}: wall {r['duration_s']:.1f}  aggregate {r['aggregate_s']:.2f}  checkpoint {r['checkpoint_s']:.2f}  slowest upload {recv:.2f}  | {parts}")
 print(f"experiments: {', '.join(rep['experiments'])} ({len(rep['rounds'])} rounds in all)")
 b = rep["rounds"][0]["contributors"][0]["bytes"]
-print(f"bytes per update on the wire: {b} ({b/2**20:.1f} MiB, fp32 delta of {b//4:,} values)")
+f = rep["federation"]
+print(f"bytes per update on the wire: {b} ({b/2**20:.1f} MiB); per round {f['uplink_bytes_per_round']/1e6:.1f} MB up, {f['downlink_bytes_per_round']/1e6:.1f} MB down")
 PY
 echo "demo wall time: $(( $(date +%s) - started )) s; everything is under $OUT/"

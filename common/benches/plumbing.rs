@@ -9,10 +9,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use aln_common::aggregate::{Aggregator, FedAvg, ModelUpdate};
+use aln_common::aggregate::spool::SpoolSink;
+use aln_common::aggregate::{self, AggregationConfig, Expectation, ModelUpdate, Strategy};
+use aln_common::codec::{self, Codec};
+use aln_common::privacy::PrivacyConfig;
+use aln_common::privacy::secagg::{MaskContext, MaskingKey};
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::ModelState;
-use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta, ReceiveLimits, Reassembler};
+use aln_common::wire::{ChunkEncoder, PayloadMeta, ReceiveLimits, Reassembler, StreamDecoder};
 
 const VALUES: usize = 24_631_222;
 
@@ -40,20 +44,75 @@ fn main() {
     });
     rows.push(("memcpy", memcpy));
 
-    let update = ModelUpdate { site: SiteId::new("s").unwrap(), round: Round(1), base: ModelHash("x".into()), sample_count: 10, delta: model.clone() };
-    let mut agg = Box::new(FedAvg::new(&model));
-    let accumulate = best_of(5, || agg.accumulate(std::hint::black_box(&update)).unwrap());
-    rows.push(("FedAvg accumulate (one update)", accumulate));
+    let fresh = || ModelUpdate::in_memory(SiteId::new("s").unwrap(), Round(1), ModelHash("x".into()), 10, model.clone());
+    let plain = || aggregate::build(&AggregationConfig::default(), &PrivacyConfig::default(), &model, None);
+    let mut agg = plain();
+    let accumulate = (0..5)
+        .map(|_| {
+            let u = fresh();
+            let t = Instant::now();
+            agg.accumulate(std::hint::black_box(u)).unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    rows.push(("FedAvg accumulate (one update, in memory)", accumulate));
+    // The coordinator's real path: the update was spooled to disk as it arrived.
+    let spool_dir = std::env::temp_dir().join(format!("aln-bench-spool-{}", std::process::id()));
+    let spooled = || {
+        let exp = Expectation { global_hash: ModelHash("x".into()), round: Round(1), max_sample_count: 100, max_norm: None, codec: Codec::F32, mask_epoch: 0, numel: VALUES };
+        let mut d = StreamDecoder::with_sink(ReceiveLimits::default(), SpoolSink::new(&spool_dir, "s", exp));
+        let mut out = None;
+        for c in ChunkEncoder::new(Arc::new(model.clone()), PayloadMeta::delta(Round(1), ModelHash("x".into()), 10), 0) {
+            if let Some(r) = d.push(c).unwrap() {
+                out = Some(r);
+            }
+        }
+        let r = out.unwrap();
+        ModelUpdate { site: SiteId::new("s").unwrap(), meta: r.meta, values: r.body.0, summary: r.body.1 }
+    };
+    let accumulate_spool = (0..3)
+        .map(|_| {
+            let u = spooled();
+            let t = Instant::now();
+            agg.accumulate(u).unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    rows.push(("FedAvg accumulate (one update, from spool)", accumulate_spool));
     let finish = (0..3)
         .map(|_| {
-            let mut a = Box::new(FedAvg::new(&model));
-            a.accumulate(&update).unwrap();
+            let mut a = plain();
+            a.accumulate(fresh()).unwrap();
             let t = Instant::now();
             std::hint::black_box(a.finish(&model).unwrap());
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min);
     rows.push(("FedAvg finish (apply to global)", finish));
+    let median = {
+        let cfg = AggregationConfig { strategy: Strategy::Median, ..Default::default() };
+        let mut a = aggregate::build(&cfg, &PrivacyConfig::default(), &model, None);
+        for _ in 0..3 {
+            a.accumulate(spooled()).unwrap();
+        }
+        let t = Instant::now();
+        std::hint::black_box(a.finish(&model).unwrap());
+        t.elapsed().as_secs_f64()
+    };
+    rows.push(("median of 3 spooled updates (finish)", median));
+    let _ = std::fs::remove_dir_all(&spool_dir);
+    let int8 = best_of(3, || {
+        std::hint::black_box(codec::encode(&model, Codec::Int8Channel).unwrap());
+    });
+    rows.push(("int8-channel encode", int8));
+    let key = MaskingKey::generate();
+    let peer = MaskingKey::generate();
+    let (a, b) = (SiteId::new("a").unwrap(), SiteId::new("b").unwrap());
+    let set = vec![(a.clone(), key.public), (b, peer.public)];
+    let ctx = MaskContext { run_id: "r".into(), experiment: "main".into(), round: 1, attempt: 0 };
+    let mut words = vec![0u32; VALUES];
+    let mask = best_of(3, || key.mask(&mut words, &a, &set, &ctx).unwrap());
+    rows.push(("secure-aggregation mask (one peer, ChaCha20)", mask));
 
     let hash = best_of(3, || {
         std::hint::black_box(model.weights_hash());
@@ -61,7 +120,7 @@ fn main() {
     rows.push(("SHA-256 of the model", hash));
 
     let shared = Arc::new(model.clone());
-    let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(1), base_model_hash: ModelHash("x".into()), sample_count: 10 };
+    let meta = PayloadMeta::delta(Round(1), ModelHash("x".into()), 10);
     let mut chunks = Vec::new();
     let encode = best_of(3, || {
         chunks = ChunkEncoder::new(shared.clone(), meta.clone(), 0).collect();

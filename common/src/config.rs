@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::aggregate::AggregationConfig;
+use crate::codec::Codec;
+use crate::privacy::PrivacyConfig;
 use crate::constants::{DEFAULT_MAX_CHUNK_BYTES, DEFAULT_PORT, MIN_CHUNK_BYTES};
 use crate::error::{Error, Result};
 use crate::fusion::FusionSvmParams;
@@ -92,6 +95,10 @@ pub struct FederationSection {
     /// (`coordinator fingerprint --cert FILE` prints one). Takes effect on restart.
     #[serde(default)]
     pub denied_certificates: Vec<String>,
+    /// How sites encode their updates: fp32 (lossless), fp16, int8 (one scale per tensor) or
+    /// int8-channel (one per output channel); lossy codecs use error feedback at the site.
+    #[serde(default)]
+    pub update_codec: Codec,
 }
 
 fn default_listen() -> String {
@@ -131,6 +138,10 @@ pub struct CoordinatorConfig {
     pub fusion: FusionSvmParams,
     #[serde(default)]
     pub study: crate::experiment::StudyConfig,
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
     pub paths: CoordinatorPaths,
     pub tls: TlsFiles,
 }
@@ -181,6 +192,19 @@ impl CoordinatorConfig {
         }
         if !(MIN_CHUNK_BYTES..=DEFAULT_MAX_CHUNK_BYTES * 16).contains(&f.max_chunk_bytes) {
             return Err(config_err(path, "federation.max_chunk_bytes is out of range"));
+        }
+        if f.update_codec == Codec::Ring32 {
+            return Err(config_err(path, "federation.update_codec: ring32 is chosen by privacy.secure_aggregation, not here"));
+        }
+        self.aggregation.validate().map_err(|e| config_err(path, &e))?;
+        self.privacy.validate().map_err(|e| config_err(path, &e))?;
+        if self.privacy.secure_aggregation {
+            if self.aggregation.needs_all_updates() {
+                return Err(config_err(path, &format!("aggregation.strategy = {:?} must read each update, which secure aggregation hides; use fedavg, fedprox, fedadam or fedyogi", self.aggregation.strategy)));
+            }
+            if f.update_codec != Codec::F32 {
+                return Err(config_err(path, "federation.update_codec must be fp32 with secure aggregation (masked updates travel as 32-bit ring words)"));
+            }
         }
         self.training.validate(path)?;
         self.fusion.validate().map_err(|e| config_err(path, &format!("fusion: {e}")))?;
@@ -278,6 +302,24 @@ max_chunk_bytes = 1048576               # largest chunk of a model transfer
 denied_certificates = []                # revoked: ["sha256:…"] from `coordinator fingerprint`
 admins = ["admin"]                      # Common Names allowed to read status and stop the run
 # metrics_listen = "127.0.0.1:9464"     # Prometheus /metrics (plain HTTP: keep it on a management network)
+update_codec = "fp32"                   # fp32 | fp16 | int8 | int8-channel (lossy ones use error feedback)
+
+[aggregation]
+strategy = "fedavg"                     # fedavg | fedprox | fedadam | fedyogi | median | trimmed_mean
+proximal_mu = 0.01                      # fedprox: weight of mu/2 |w - w_global|^2 in site training
+server_learning_rate = 0.01             # fedadam / fedyogi (Reddi et al. 2021)
+beta1 = 0.9
+beta2 = 0.99
+tau = 0.001
+trim_fraction = 0.1                     # trimmed_mean: fraction dropped at each end
+
+[privacy]
+dp = "off"                              # off | site (noise added by each site) | central (by the coordinator)
+clip_norm = 1.0                         # S: each site's delta is clipped to this L2 norm
+noise_multiplier = 1.0                  # sigma: noise std = sigma * S; the report states epsilon
+delta = 1e-5
+secure_aggregation = false              # pairwise X25519 masks: the coordinator sees only the sum
+ring_fraction_bits = 16                 # fixed point of masked updates
 
 [training]                              # the recipe every site follows each round
 local_steps = {steps}
@@ -359,5 +401,24 @@ mod tests {
         assert!(!site.site.share_gradcam);
         assert_eq!(site.site.coordinator, "https://fl.example.org:50051");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn incompatible_privacy_settings_are_refused_with_the_field_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let sites = vec![SiteId::new("h1").unwrap(), SiteId::new("h2").unwrap()];
+        let c = dir.path().join("coordinator.toml");
+        let load = |edit: &dyn Fn(String) -> String| {
+            std::fs::write(&c, edit(coordinator_template(&sites))).unwrap();
+            CoordinatorConfig::load(&c).map_err(|e| e.to_string())
+        };
+        let e = load(&|t| t.replace("strategy = \"fedavg\"", "strategy = \"median\"").replace("secure_aggregation = false", "secure_aggregation = true")).unwrap_err();
+        assert!(e.contains("aggregation.strategy") && e.contains("coordinator.toml"), "{e}");
+        let e = load(&|t| t.replace("update_codec = \"fp32\"", "update_codec = \"int8\"").replace("secure_aggregation = false", "secure_aggregation = true")).unwrap_err();
+        assert!(e.contains("update_codec"), "{e}");
+        let e = load(&|t| t.replace("dp = \"off\"", "dp = \"central\"").replace("secure_aggregation = false", "secure_aggregation = true")).unwrap_err();
+        assert!(e.contains("privacy.dp"), "{e}");
+        let ok = load(&|t| t.replace("strategy = \"fedavg\"", "strategy = \"fedyogi\"").replace("update_codec = \"fp32\"", "update_codec = \"int8-channel\"").replace("dp = \"off\"", "dp = \"site\"")).unwrap();
+        assert_eq!(ok.federation.update_codec, Codec::Int8Channel);
     }
 }

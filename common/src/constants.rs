@@ -61,3 +61,13 @@ pub fn global_model_file(round: u32) -> String {
 pub fn local_update_file(round: u32) -> String {
     format!("local_r{round:04}.safetensors")
 }
+
+/// Suffixes of BatchNorm running statistics in the model state. They are averaged like
+/// weights (every site then evaluates with one complete model) but are not gradients, so
+/// server optimisers (FedAdam / FedYogi) apply their plain mean instead of an Adam step.
+pub const RUNNING_STATISTIC_SUFFIXES: [&str; 2] = ["running_mean", "running_var"];
+
+/// Whether tensor `name` is a BatchNorm running statistic.
+pub fn is_running_statistic(name: &str) -> bool {
+    RUNNING_STATISTIC_SUFFIXES.iter().any(|s| name.ends_with(s))
+}

@@ -23,6 +23,7 @@
 
 pub mod aggregate;
 pub mod atomic_file;
+pub mod codec;
 pub mod cohort;
 pub mod config;
 pub mod constants;
@@ -32,6 +33,7 @@ pub mod fusion;
 pub mod ids;
 pub mod logging;
 pub mod model_state;
+pub mod privacy;
 pub mod progress;
 pub mod shutdown;
 pub mod stats;

@@ -1,18 +1,21 @@
-//! The wire format of model transfers: a [`ModelState`] as a stream of bounded chunks.
+//! The wire format of model transfers: a model or update as a stream of bounded chunks.
 //!
-//! A stream is `header, tensor chunk*, trailer`. The header carries the tensor table and the
-//! payload's purpose ([`PayloadMeta`]); chunks carry slices of each tensor's f32 little-endian
-//! bytes, in canonical tensor order with ascending offsets; the trailer carries the SHA-256 of
-//! all payload bytes. [`ChunkEncoder`] produces such a stream lazily (no copy of the model);
-//! [`Reassembler`] checks every message as it arrives, refuses oversize payloads before
-//! buffering them, and verifies the digest at the end. Both the coordinator's `PullModel`
-//! and the site's `PushUpdate` use this one implementation.
+//! A stream is `header, tensor chunk*, trailer`. The header carries the tensor table, the
+//! payload's purpose and its codec ([`PayloadMeta`], `codec`); chunks carry slices of each
+//! tensor's encoded bytes, in canonical tensor order with ascending offsets; the trailer
+//! carries the SHA-256 of all payload bytes as sent. [`ChunkEncoder`] produces such a stream
+//! lazily (no copy of an f32 model). [`StreamDecoder`] checks every message as it arrives,
+//! refuses oversize payloads at the header, decodes each chunk and hands the values to a
+//! [`PayloadSink`]: [`VecSink`] builds a [`ModelState`] (a site's download), the
+//! coordinator's spool sink writes an update to disk as it arrives (`aggregate::spool`), so
+//! the coordinator never holds a whole update in memory. The digest is verified at the end.
 
 use std::sync::Arc;
 
 use aln_proto as pb;
 use sha2::{Digest, Sha256};
 
+use crate::codec::{self, Codec, Encoded};
 use crate::constants::{DEFAULT_MAX_CHUNK_BYTES, MAX_MODEL_BYTES, MIN_CHUNK_BYTES};
 use crate::error::{Error, Result};
 use crate::ids::{ModelHash, Round};
@@ -36,15 +39,34 @@ pub struct PayloadMeta {
     pub base_model_hash: ModelHash,
     /// Training patients behind a delta (the FedAvg weight); 0 for weights.
     pub sample_count: u64,
+    pub codec: Codec,
+    /// [`Codec::Ring32`]: fixed-point fraction bits and the round's masking attempt.
+    pub ring_fraction_bits: u32,
+    pub mask_epoch: u32,
 }
 
-/// A fully received, digest-checked payload.
+impl PayloadMeta {
+    /// Full fp32 weights of the global model after `round` rounds.
+    pub fn weights(round: Round, hash: ModelHash) -> Self {
+        Self { kind: PayloadKind::Weights, round, base_model_hash: hash, sample_count: 0, codec: Codec::F32, ring_fraction_bits: 0, mask_epoch: 0 }
+    }
+
+    /// A delta for `round`, trained from `base` on `samples` patients, in fp32.
+    pub fn delta(round: Round, base: ModelHash, samples: u64) -> Self {
+        Self { kind: PayloadKind::Delta, round, base_model_hash: base, sample_count: samples, codec: Codec::F32, ring_fraction_bits: 0, mask_epoch: 0 }
+    }
+}
+
+/// A fully received, digest-checked payload: what the sink made of it.
 #[derive(Debug, Clone)]
-pub struct Payload {
+pub struct Received<T> {
     pub meta: PayloadMeta,
-    pub state: ModelState,
+    pub body: T,
     pub digest: ModelHash,
 }
+
+/// A payload materialised as a model (what [`Reassembler`] returns).
+pub type Payload = Received<ModelState>;
 
 /// Clamp a requested chunk size into the allowed range (0 means the default).
 pub fn effective_chunk_bytes(requested: usize) -> usize {
@@ -62,10 +84,41 @@ enum EncodeStage {
     Done,
 }
 
+/// Where an encoder's bytes come from.
+enum Source {
+    /// An f32 model, sent as is (no copy until each chunk).
+    Model(Arc<ModelState>),
+    /// Already encoded bytes (compressed or ring values) with their scales.
+    Encoded { specs: Vec<TensorSpec>, bytes: Arc<Vec<u8>>, scales: Vec<f32>, starts: Vec<usize> },
+}
+
+impl Source {
+    fn specs(&self) -> &[TensorSpec] {
+        match self {
+            Source::Model(m) => m.specs(),
+            Source::Encoded { specs, .. } => specs,
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Source::Model(m) => m.as_bytes(),
+            Source::Encoded { bytes, .. } => bytes,
+        }
+    }
+    /// Element offset of tensor `i`'s first value.
+    fn start(&self, i: usize) -> usize {
+        match self {
+            Source::Model(m) => m.range(i).start,
+            Source::Encoded { starts, .. } => starts[i],
+        }
+    }
+}
+
 /// Lazily turns a model state into `ModelChunk` messages of at most `max_chunk_bytes` data.
 pub struct ChunkEncoder {
-    state: Arc<ModelState>,
+    source: Source,
     meta: PayloadMeta,
+    width: usize,
     max_chunk_elems: usize,
     stage: EncodeStage,
     /// Hashes as it goes, unless the digest is already known.
@@ -74,11 +127,30 @@ pub struct ChunkEncoder {
 }
 
 impl ChunkEncoder {
+    /// An fp32 stream of `state` (`meta.codec` is taken as fp32).
     pub fn new(state: Arc<ModelState>, meta: PayloadMeta, max_chunk_bytes: usize) -> Self {
+        Self::from_source(Source::Model(state), PayloadMeta { codec: Codec::F32, ..meta }, max_chunk_bytes)
+    }
+
+    /// A stream of already encoded values (`meta.codec` must be `enc.codec`).
+    pub fn encoded(enc: Encoded, meta: PayloadMeta, max_chunk_bytes: usize) -> Self {
+        let mut starts = Vec::with_capacity(enc.specs.len());
+        let mut at = 0;
+        for s in &enc.specs {
+            starts.push(at);
+            at += s.numel();
+        }
+        let source = Source::Encoded { specs: enc.specs, bytes: Arc::new(enc.bytes), scales: enc.scales, starts };
+        Self::from_source(source, PayloadMeta { codec: enc.codec, ..meta }, max_chunk_bytes)
+    }
+
+    fn from_source(source: Source, meta: PayloadMeta, max_chunk_bytes: usize) -> Self {
+        let width = meta.codec.bytes_per_value();
         Self {
-            state,
+            source,
+            width,
+            max_chunk_elems: (effective_chunk_bytes(max_chunk_bytes) / width).max(1),
             meta,
-            max_chunk_elems: (effective_chunk_bytes(max_chunk_bytes) / 4).max(1),
             stage: EncodeStage::Header,
             hasher: Some(Sha256::new()),
             known_digest: None,
@@ -96,6 +168,11 @@ impl ChunkEncoder {
         e
     }
 
+    /// Encoded payload bytes this stream carries (without framing).
+    pub fn payload_bytes(&self) -> u64 {
+        self.source.specs().iter().map(|s| (s.numel() * self.width) as u64).sum()
+    }
+
     fn header(&self) -> pb::ModelHeader {
         pb::ModelHeader {
             kind: match self.meta.kind {
@@ -106,7 +183,7 @@ impl ChunkEncoder {
             base_model_hash: self.meta.base_model_hash.0.clone(),
             sample_count: self.meta.sample_count,
             tensors: self
-                .state
+                .source
                 .specs()
                 .iter()
                 .map(|s| pb::TensorSpec {
@@ -115,17 +192,24 @@ impl ChunkEncoder {
                     dtype: pb::DType::F32 as i32,
                 })
                 .collect(),
-            codec: pb::Codec::F32Le as i32,
-            total_bytes: self.state.byte_len() as u64,
+            codec: self.meta.codec.to_proto() as i32,
+            total_bytes: self.payload_bytes(),
+            scales: match &self.source {
+                Source::Encoded { scales, .. } => scales.clone(),
+                Source::Model(_) => vec![],
+            },
+            ring_fraction_bits: self.meta.ring_fraction_bits,
+            mask_epoch: self.meta.mask_epoch,
         }
     }
 
     /// Skip to the next tensor with values left, starting at `tensor`.
     fn body_from(&self, mut tensor: usize) -> EncodeStage {
-        while tensor < self.state.specs().len() && self.state.range(tensor).is_empty() {
+        let specs = self.source.specs();
+        while tensor < specs.len() && specs[tensor].numel() == 0 {
             tensor += 1;
         }
-        if tensor < self.state.specs().len() {
+        if tensor < specs.len() {
             EncodeStage::Body { tensor, offset: 0 }
         } else {
             EncodeStage::Trailer
@@ -144,15 +228,15 @@ impl Iterator for ChunkEncoder {
                 Part::Header(self.header())
             }
             EncodeStage::Body { tensor, offset } => {
-                let range = self.state.range(tensor);
-                let len = (range.len() - offset).min(self.max_chunk_elems);
-                let start = range.start + offset;
-                let bytes = &self.state.as_bytes()[start * 4..(start + len) * 4];
+                let numel = self.source.specs()[tensor].numel();
+                let len = (numel - offset).min(self.max_chunk_elems);
+                let start = self.source.start(tensor) + offset;
+                let bytes = &self.source.bytes()[start * self.width..(start + len) * self.width];
                 if let Some(h) = self.hasher.as_mut() {
                     h.update(bytes);
                 }
                 let data = bytes.to_vec();
-                self.stage = if offset + len < range.len() {
+                self.stage = if offset + len < numel {
                     EncodeStage::Body {
                         tensor,
                         offset: offset + len,
@@ -184,6 +268,7 @@ impl Iterator for ChunkEncoder {
 /// Limits a receiver enforces on an incoming stream.
 #[derive(Debug, Clone)]
 pub struct ReceiveLimits {
+    /// Largest encoded payload.
     pub max_total_bytes: u64,
     pub max_chunk_bytes: usize,
     /// When set, the header's tensor table must equal it exactly (names, shapes, order).
@@ -200,35 +285,105 @@ impl Default for ReceiveLimits {
     }
 }
 
+/// Decoded values of one chunk, handed to a [`PayloadSink`].
+#[derive(Debug, Clone, Copy)]
+pub enum Values<'a> {
+    /// Real values (fp32 on the wire, or dequantised fp16 / int8).
+    F32(&'a [f32]),
+    /// Words of the ring Z_2^32 ([`Codec::Ring32`]).
+    Ring(&'a [u32]),
+}
+
+/// Receives a payload's values as they arrive, in canonical order.
+pub trait PayloadSink {
+    type Output;
+    /// Called once with the checked header; an error refuses the stream before its body.
+    fn begin(&mut self, meta: &PayloadMeta, specs: &[TensorSpec]) -> Result<()>;
+    /// The next values of tensor `tensor`, starting at element `offset`.
+    fn values(&mut self, tensor: usize, offset: usize, values: Values<'_>) -> Result<()>;
+    /// Called once the digest matched.
+    fn finish(self, specs: Vec<TensorSpec>) -> Result<Self::Output>;
+}
+
+/// Collects an f32 payload into a [`ModelState`].
+#[derive(Debug, Default)]
+pub struct VecSink {
+    data: Vec<f32>,
+}
+
+impl PayloadSink for VecSink {
+    type Output = ModelState;
+
+    fn begin(&mut self, _meta: &PayloadMeta, specs: &[TensorSpec]) -> Result<()> {
+        self.data = Vec::with_capacity(specs.iter().map(TensorSpec::numel).sum());
+        Ok(())
+    }
+
+    fn values(&mut self, _tensor: usize, _offset: usize, values: Values<'_>) -> Result<()> {
+        match values {
+            Values::F32(v) => {
+                self.data.extend_from_slice(v);
+                Ok(())
+            }
+            Values::Ring(_) => Err(malformed("a masked (ring) payload cannot be read as a model")),
+        }
+    }
+
+    fn finish(self, specs: Vec<TensorSpec>) -> Result<ModelState> {
+        ModelState::new(specs, self.data)
+    }
+}
+
 enum Stage {
     AwaitHeader,
     Body,
     Complete,
 }
 
-/// Incrementally checks and reassembles a model stream.
-pub struct Reassembler {
+/// Incrementally checks, decodes and verifies a model stream, feeding a sink.
+pub struct StreamDecoder<S: PayloadSink> {
     limits: ReceiveLimits,
     stage: Stage,
     meta: Option<PayloadMeta>,
     specs: Vec<TensorSpec>,
-    ends: Vec<usize>,
-    data: Vec<f32>,
+    /// Element count of each tensor, and where each tensor's scales start.
+    numels: Vec<usize>,
+    scale_starts: Vec<usize>,
+    scales: Vec<f32>,
     tensor: usize,
+    /// Values of the current tensor received so far.
+    filled: usize,
     hasher: Sha256,
+    sink: Option<S>,
+    scratch: Vec<f32>,
+    ring: Vec<u32>,
 }
 
-impl Reassembler {
+/// Reassembles a stream into a [`ModelState`] (a site's model download, tests).
+pub type Reassembler = StreamDecoder<VecSink>;
+
+impl StreamDecoder<VecSink> {
     pub fn new(limits: ReceiveLimits) -> Self {
+        Self::with_sink(limits, VecSink::default())
+    }
+}
+
+impl<S: PayloadSink> StreamDecoder<S> {
+    pub fn with_sink(limits: ReceiveLimits, sink: S) -> Self {
         Self {
             limits,
             stage: Stage::AwaitHeader,
             meta: None,
             specs: Vec::new(),
-            ends: Vec::new(),
-            data: Vec::new(),
+            numels: Vec::new(),
+            scale_starts: Vec::new(),
+            scales: Vec::new(),
             tensor: 0,
+            filled: 0,
             hasher: Sha256::new(),
+            sink: Some(sink),
+            scratch: Vec::new(),
+            ring: Vec::new(),
         }
     }
 
@@ -237,8 +392,8 @@ impl Reassembler {
         self.meta.as_ref()
     }
 
-    /// Feeds one message; returns the payload when the trailer has been verified.
-    pub fn push(&mut self, chunk: pb::ModelChunk) -> Result<Option<Payload>> {
+    /// Feeds one message; returns the sink's output when the trailer has been verified.
+    pub fn push(&mut self, chunk: pb::ModelChunk) -> Result<Option<Received<S::Output>>> {
         use pb::model_chunk::Part;
         let part = chunk
             .part
@@ -275,9 +430,11 @@ impl Reassembler {
             Ok(pb::PayloadKind::Delta) => PayloadKind::Delta,
             _ => return Err(malformed(format!("unknown payload kind {}", h.kind))),
         };
-        if pb::Codec::try_from(h.codec) != Ok(pb::Codec::F32Le) {
-            return Err(malformed(format!("unsupported codec {}", h.codec)));
+        let codec = Codec::from_proto(h.codec)?;
+        if kind == PayloadKind::Weights && codec != Codec::F32 {
+            return Err(malformed(format!("weights must be sent as fp32, not {codec}")));
         }
+        let width = codec.bytes_per_value() as u64;
         let mut specs = Vec::with_capacity(h.tensors.len());
         let mut total: u64 = 0;
         for (i, t) in h.tensors.into_iter().enumerate() {
@@ -291,7 +448,7 @@ impl Reassembler {
                     .ok_or_else(|| malformed(format!("tensor `{}`: shape overflows", t.name)))?;
             }
             total = total
-                .checked_add(numel.saturating_mul(4))
+                .checked_add(numel.saturating_mul(width))
                 .ok_or_else(|| malformed("total size overflows"))?;
             specs.push(TensorSpec {
                 name: t.name,
@@ -314,34 +471,53 @@ impl Reassembler {
             check_schema(expected, &specs)?;
         }
         check_canonical_order(&specs)?;
-        let mut end = 0;
-        self.ends = specs
+        let mut at = 0;
+        self.scale_starts = specs
             .iter()
             .map(|s| {
-                end += s.numel();
-                end
+                let start = at;
+                at += codec.scale_count(s);
+                start
             })
             .collect();
-        self.data = Vec::with_capacity(end);
-        self.specs = specs;
-        self.meta = Some(PayloadMeta {
+        if h.scales.len() != at {
+            return Err(malformed(format!("{codec} needs {at} scales, the header has {}", h.scales.len())));
+        }
+        if let Some(i) = h.scales.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
+            return Err(malformed(format!("scale {i} is {} (must be finite and ≥ 0)", h.scales[i])));
+        }
+        if codec == Codec::Ring32 && !(1..=30).contains(&h.ring_fraction_bits) {
+            return Err(malformed(format!("ring_fraction_bits {} outside 1..=30", h.ring_fraction_bits)));
+        }
+        self.scales = h.scales;
+        self.numels = specs.iter().map(TensorSpec::numel).collect();
+        let meta = PayloadMeta {
             kind,
             round: Round(h.round),
             base_model_hash: ModelHash(h.base_model_hash),
             sample_count: h.sample_count,
-        });
+            codec,
+            ring_fraction_bits: h.ring_fraction_bits,
+            mask_epoch: h.mask_epoch,
+        };
+        self.sink.as_mut().expect("sink until finish").begin(&meta, &specs)?;
+        self.specs = specs;
+        self.meta = Some(meta);
         self.stage = Stage::Body;
         self.skip_empty_tensors();
         Ok(())
     }
 
     fn skip_empty_tensors(&mut self) {
-        while self.tensor < self.ends.len() && self.data.len() >= self.ends[self.tensor] {
+        while self.tensor < self.numels.len() && self.filled >= self.numels[self.tensor] {
             self.tensor += 1;
+            self.filled = 0;
         }
     }
 
     fn accept_tensor(&mut self, t: pb::TensorChunk) -> Result<()> {
+        let codec = self.meta.as_ref().expect("header seen").codec;
+        let width = codec.bytes_per_value();
         if t.data.len() > self.limits.max_chunk_bytes {
             return Err(malformed(format!(
                 "chunk of {} bytes exceeds the limit of {}",
@@ -349,45 +525,52 @@ impl Reassembler {
                 self.limits.max_chunk_bytes
             )));
         }
-        if t.data.is_empty() || !t.data.len().is_multiple_of(4) {
+        if t.data.is_empty() || !t.data.len().is_multiple_of(width) {
             return Err(malformed(format!(
-                "chunk of {} bytes is not a whole number of f32 values",
+                "chunk of {} bytes is not a whole number of {codec} values",
                 t.data.len()
             )));
         }
         let idx = t.tensor_index as usize;
-        if idx != self.tensor || self.tensor >= self.ends.len() {
+        if idx != self.tensor || self.tensor >= self.numels.len() {
             return Err(malformed(format!(
                 "chunk for tensor {idx} arrived while tensor {} was expected",
                 self.tensor
             )));
         }
-        let start = if idx == 0 { 0 } else { self.ends[idx - 1] };
-        let filled = self.data.len() - start;
-        if t.offset as usize != filled {
+        if t.offset as usize != self.filled {
             return Err(malformed(format!(
-                "tensor {idx} `{}`: chunk offset {} but {filled} values received",
-                self.specs[idx].name, t.offset
+                "tensor {idx} `{}`: chunk offset {} but {} values received",
+                self.specs[idx].name, t.offset, self.filled
             )));
         }
-        let n = t.data.len() / 4;
-        if self.data.len() + n > self.ends[idx] {
+        let n = t.data.len() / width;
+        if self.filled + n > self.numels[idx] {
             return Err(malformed(format!(
                 "tensor {idx} `{}`: chunk overruns the tensor",
                 self.specs[idx].name
             )));
         }
         self.hasher.update(&t.data);
-        // Little-endian f32 bytes into the f32 buffer: a plain copy (the target is LE, see model_state).
-        let at = self.data.len();
-        self.data.resize(at + n, 0.0);
-        bytemuck::cast_slice_mut::<f32, u8>(&mut self.data[at..]).copy_from_slice(&t.data);
+        let sink = self.sink.as_mut().expect("sink until finish");
+        if codec == Codec::Ring32 {
+            self.ring.clear();
+            self.ring.resize(n, 0);
+            bytemuck::cast_slice_mut::<u32, u8>(&mut self.ring).copy_from_slice(&t.data);
+            sink.values(idx, self.filled, Values::Ring(&self.ring))?;
+        } else {
+            let k = codec.scale_count(&self.specs[idx]);
+            let s0 = self.scale_starts[idx];
+            codec::decode_into(codec, &self.specs[idx], &self.scales[s0..s0 + k], self.filled, &t.data, &mut self.scratch);
+            sink.values(idx, self.filled, Values::F32(&self.scratch))?;
+        }
+        self.filled += n;
         self.skip_empty_tensors();
         Ok(())
     }
 
-    fn accept_trailer(&mut self, t: pb::ModelTrailer) -> Result<Payload> {
-        if self.tensor < self.ends.len() {
+    fn accept_trailer(&mut self, t: pb::ModelTrailer) -> Result<Received<S::Output>> {
+        if self.tensor < self.numels.len() {
             return Err(malformed(format!(
                 "trailer arrived with tensor {} `{}` incomplete",
                 self.tensor, self.specs[self.tensor].name
@@ -399,10 +582,11 @@ impl Reassembler {
             return Err(Error::DigestMismatch { expected, actual });
         }
         self.stage = Stage::Complete;
-        let state = ModelState::new(std::mem::take(&mut self.specs), std::mem::take(&mut self.data))?;
-        Ok(Payload {
+        let sink = self.sink.take().expect("sink until finish");
+        let body = sink.finish(std::mem::take(&mut self.specs))?;
+        Ok(Received {
             meta: self.meta.clone().expect("header seen"),
-            state,
+            body,
             digest: ModelHash(actual),
         })
     }
@@ -438,12 +622,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn meta() -> PayloadMeta {
-        PayloadMeta {
-            kind: PayloadKind::Delta,
-            round: Round(2),
-            base_model_hash: ModelHash("ab".into()),
-            sample_count: 17,
-        }
+        PayloadMeta::delta(Round(2), ModelHash("ab".into()), 17)
     }
 
     fn reassemble(chunks: Vec<pb::ModelChunk>, limits: ReceiveLimits) -> Result<Payload> {
@@ -481,8 +660,8 @@ mod tests {
             let enc = ChunkEncoder { max_chunk_elems: chunk, ..ChunkEncoder::new(Arc::new(state.clone()), meta(), 0) };
             let chunks: Vec<_> = enc.collect();
             let p = reassemble(chunks, ReceiveLimits::default()).unwrap();
-            prop_assert_eq!(p.state.as_bytes(), state.as_bytes());
-            prop_assert_eq!(p.state.specs(), state.specs());
+            prop_assert_eq!(p.body.as_bytes(), state.as_bytes());
+            prop_assert_eq!(p.body.specs(), state.specs());
             prop_assert_eq!(p.meta, meta());
             prop_assert_eq!(p.digest, state.weights_hash());
         }

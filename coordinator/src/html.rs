@@ -140,7 +140,7 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
     let _ = writeln!(
         h,
         "<h1>Axillary lymph node status: federated deep learning radiomics</h1>\
-         <p class=note>run {} · global model <code>{}</code> · {} sites · {} rounds of FedAvg · training plan: {} local steps, batch {}, {} px, lr {:e} · software {}</p>",
+         <p class=note>run {} · global model <code>{}</code> · {} sites · {} rounds · training plan: {} local steps, batch {}, {} px, lr {:e} · software {}</p>",
         esc(&r.run_id),
         esc(&r.model_hash.0[..16.min(r.model_hash.0.len())]),
         r.config.sites.len(),
@@ -150,6 +150,30 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
         r.config.training.image_size,
         r.config.training.learning_rate,
         r.software_version
+    );
+    // How the federation ran.
+    let f = &r.federation;
+    let eps = match (f.epsilon, f.delta) {
+        (Some(e), Some(d)) => format!("ε = {e:.2} at δ = {d:e}"),
+        _ => "none (ε = ∞)".into(),
+    };
+    let _ = writeln!(
+        h,
+        "<h2>Federation</h2><table><tr><th>aggregation</th><td>{}</td></tr><tr><th>privacy</th><td>{}</td></tr>\
+         <tr><th>differential privacy</th><td>{} <span class=note>{}</span></td></tr>\
+         <tr><th>bytes</th><td>{:.1} MB up, {:.1} MB down over {} rounds ({:.1} MB up, {:.1} MB down per round)</td></tr>\
+         <tr><th>secure-aggregation restarts · clipped updates</th><td>{} · {}</td></tr></table>",
+        esc(&f.aggregator),
+        esc(&f.privacy),
+        esc(&eps),
+        esc(f.epsilon_scope),
+        f.uplink_bytes as f64 / 1e6,
+        f.downlink_bytes as f64 / 1e6,
+        f.rounds,
+        f.uplink_bytes_per_round / 1e6,
+        f.downlink_bytes_per_round / 1e6,
+        f.mask_restarts,
+        f.clipped_updates
     );
     // Cohort per site.
     let _ = writeln!(h, "<h2>Cohort</h2><table><tr><th>site</th><th>train</th><th>validation</th><th>test</th><th>N0</th><th>N+(1-2)</th><th>N+(≥3)</th></tr>");
@@ -242,18 +266,20 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
     }
     let _ = writeln!(
         h,
-        "<h2>Rounds</h2><table><tr><th>round</th><th>sites</th><th>wall s</th><th>aggregate s</th><th>checkpoint s</th><th>rejected</th><th>model</th></tr>"
+        "<h2>Rounds</h2><table><tr><th>round</th><th>sites</th><th>wall s</th><th>aggregate s</th><th>checkpoint s</th><th>MB up</th><th>MB down</th><th>rejected</th><th>model</th></tr>"
     );
     for rr in &r.rounds {
         let _ = writeln!(
             h,
-            "<tr><td>{} {}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{}</td><td><code>{}</code></td></tr>",
+            "<tr><td>{} {}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.1}</td><td>{:.1}</td><td>{}</td><td><code>{}</code></td></tr>",
             esc(&rr.experiment),
             rr.round,
             rr.contributors.iter().map(|c| format!("{} (n={})", c.site, c.sample_count)).collect::<Vec<_>>().join(", "),
             rr.duration_s,
             rr.aggregate_s,
             rr.checkpoint_s,
+            rr.uplink_bytes as f64 / 1e6,
+            rr.downlink_bytes as f64 / 1e6,
             rr.rejected.len(),
             rr.model_hash.short()
         );

@@ -93,6 +93,21 @@ enum Command {
         #[command(subcommand)]
         what: StatsCommand,
     },
+    /// Site-level DP budget (RDP accountant): ε for a noise multiplier, or the noise
+    /// multiplier for an ε, over `rounds` rounds a site's data enters (prints JSON).
+    PrivacyBudget {
+        /// Rounds of every experiment the site trains in.
+        #[arg(long)]
+        rounds: u32,
+        #[arg(long, default_value_t = 1e-5)]
+        delta: f64,
+        /// σ to evaluate …
+        #[arg(long, conflicts_with = "epsilon", required_unless_present = "epsilon")]
+        noise_multiplier: Option<f64>,
+        /// … or the ε to reach.
+        #[arg(long)]
+        epsilon: Option<f64>,
+    },
     /// Run (or resume) the federation described by a config file.
     Run {
         #[arg(long)]
@@ -193,6 +208,13 @@ async fn main() -> Result<()> {
             let mut admin = admin_client(&kit, &addr).await?;
             let reply = admin.stop(aln_proto::StopRequest { reason }).await.map_err(|s| anyhow::anyhow!("stop refused: {} ({:?})", s.message(), s.code()))?;
             println!("{}", reply.into_inner().message);
+            Ok(())
+        }
+        Command::PrivacyBudget { rounds, delta, noise_multiplier, epsilon } => {
+            use aln_common::privacy::accountant;
+            let sigma = noise_multiplier.unwrap_or_else(|| accountant::noise_for_epsilon(epsilon.unwrap_or(1.0), rounds, delta));
+            let eps = accountant::gaussian_epsilon(sigma, rounds, delta);
+            println!("{}", serde_json::json!({"rounds": rounds, "delta": delta, "noise_multiplier": sigma, "epsilon": eps}));
             Ok(())
         }
         Command::Stats { what } => {

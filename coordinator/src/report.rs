@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use aln_common::aggregate::{AggregationConfig, Strategy};
 use aln_common::atomic_file;
+use aln_common::codec::Codec;
+use aln_common::privacy::PrivacyConfig;
 use aln_common::cohort::{ClinicalTask, FeatureRow};
 use aln_common::config::{CoordinatorConfig, TrainingPlan};
 use aln_common::experiment::{self, Experiment, StudyConfig};
@@ -22,7 +25,7 @@ use crate::evaluation::{self, ExtraMethod, ExtraScore, LosoResult, MultiClassEva
 use crate::state::{RoundRecord, RunState, StateStore};
 
 /// Version of the report.json layout.
-pub const REPORT_FORMAT_VERSION: u32 = 1;
+pub const REPORT_FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Serialize)]
 pub struct SiteCohort {
@@ -38,7 +41,94 @@ pub struct ReportConfig {
     pub training: TrainingPlan,
     pub fusion: FusionSvmParams,
     pub study: StudyConfig,
-    pub aggregator: &'static str,
+    pub aggregation: AggregationConfig,
+    pub privacy: PrivacyConfig,
+    pub update_codec: Codec,
+}
+
+/// How the federation ran: aggregation, privacy and bytes on the wire.
+#[derive(Debug, Serialize)]
+pub struct FederationSummary {
+    /// e.g. "FedAvg, updates as int8-channel with error feedback".
+    pub aggregator: String,
+    /// e.g. "DP (noise added at each site) clip S = 1, noise σ = 1, δ = 1e-5; no secure aggregation".
+    pub privacy: String,
+    /// ε of the whole study for the site whose data entered the most rounds (None without DP).
+    pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
+    /// Rounds each site's data entered (the T of the accountant).
+    pub rounds_per_site: BTreeMap<String, u32>,
+    pub epsilon_scope: &'static str,
+    pub rounds: usize,
+    pub uplink_bytes: u64,
+    pub downlink_bytes: u64,
+    pub uplink_bytes_per_round: f64,
+    pub downlink_bytes_per_round: f64,
+    /// Secure aggregation restarts after a dropout; central-DP clipped updates.
+    pub mask_restarts: u32,
+    pub clipped_updates: usize,
+}
+
+impl FederationSummary {
+    pub fn of(cfg: &CoordinatorConfig, history: &[RoundRecord]) -> Self {
+        let mut rounds_per_site: BTreeMap<String, u32> = BTreeMap::new();
+        for r in history {
+            for c in &r.contributors {
+                *rounds_per_site.entry(c.site.to_string()).or_default() += 1;
+            }
+        }
+        let most = rounds_per_site.values().copied().max().unwrap_or(0);
+        let agg = &cfg.aggregation;
+        let strategy = match agg.strategy {
+            Strategy::Fedprox => format!("FedProx (μ = {})", agg.proximal_mu),
+            Strategy::Fedadam | Strategy::Fedyogi => format!("{} (η = {}, β1 = {}, β2 = {}, τ = {})", agg.strategy, agg.server_learning_rate, agg.beta1, agg.beta2, agg.tau),
+            Strategy::TrimmedMean => format!("trimmed mean (β = {})", agg.trim_fraction),
+            s => s.to_string(),
+        };
+        let codec = if cfg.privacy.secure_aggregation { Codec::Ring32 } else { cfg.federation.update_codec };
+        let wire = if codec.is_lossy() { format!("updates as {codec} with error feedback") } else { format!("updates as {codec}") };
+        let uplink: u64 = history.iter().map(|r| r.uplink_bytes).sum();
+        let downlink: u64 = history.iter().map(|r| r.downlink_bytes).sum();
+        let n = history.len().max(1) as f64;
+        Self {
+            aggregator: format!("{strategy}, {wire}"),
+            privacy: cfg.privacy.describe(),
+            epsilon: cfg.privacy.epsilon(most),
+            delta: (cfg.privacy.dp != aln_common::privacy::DpMode::Off).then_some(cfg.privacy.delta),
+            rounds_per_site,
+            epsilon_scope: "site-level (ε, δ)-DP of the weight updates over every round of every experiment a site trained in (RDP accountant, Gaussian mechanism). The deep-feature rows sent for the fusion SVM are not covered.",
+            rounds: history.len(),
+            uplink_bytes: uplink,
+            downlink_bytes: downlink,
+            uplink_bytes_per_round: uplink as f64 / n,
+            downlink_bytes_per_round: downlink as f64 / n,
+            mask_restarts: history.iter().map(|r| r.mask_epochs.saturating_sub(1)).sum(),
+            clipped_updates: history.iter().map(|r| r.clipped).sum(),
+        }
+    }
+
+    /// Lines for the plain-text summary.
+    pub fn lines(&self) -> String {
+        let eps = match (self.epsilon, self.delta) {
+            (Some(e), Some(d)) => format!("ε = {e:.2} at δ = {d:e} (weight updates only; feature rows for the SVM are not covered)"),
+            _ => "no differential privacy (ε = ∞)".into(),
+        };
+        format!(
+            "Federation: {}
+Privacy: {}
+  {}
+Bytes: {:.1} MB up, {:.1} MB down in {} rounds ({:.1} MB up, {:.1} MB down per round)
+",
+            self.aggregator,
+            self.privacy,
+            eps,
+            self.uplink_bytes as f64 / 1e6,
+            self.downlink_bytes as f64 / 1e6,
+            self.rounds,
+            self.uplink_bytes_per_round / 1e6,
+            self.downlink_bytes_per_round / 1e6
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -48,6 +138,7 @@ pub struct Report {
     pub run_id: String,
     pub model_hash: ModelHash,
     pub config: ReportConfig,
+    pub federation: FederationSummary,
     pub rounds: Vec<RoundRecord>,
     pub cohort: BTreeMap<String, SiteCohort>,
     /// Table 2: training vs test cohort, pooled over sites.
@@ -112,8 +203,11 @@ pub fn build_and_write(
             training: cfg.training,
             fusion: cfg.fusion,
             study: cfg.study,
-            aggregator: "fedavg",
+            aggregation: cfg.aggregation,
+            privacy: cfg.privacy,
+            update_codec: cfg.federation.update_codec,
         },
+        federation: FederationSummary::of(cfg, &run.history),
         rounds: run.history.clone(),
         cohort,
         table2: cohort_table::table2(rows),
@@ -213,7 +307,8 @@ fn task_table(s: &mut String, title: &str, t: &TaskEvaluation, sites: &[&String]
 
 /// The plain-text table printed at the end of a run.
 pub fn summary(r: &Report) -> String {
-    let mut s = String::new();
+    let mut s = r.federation.lines();
+    let _ = writeln!(s);
     let sites: Vec<&String> = r.cohort.keys().collect();
     task_table(&mut s, "Task 1, N0 vs N+(>=1)", &r.task1, &sites);
     let _ = writeln!(s);

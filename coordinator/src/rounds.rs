@@ -15,14 +15,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use aln_common::aggregate::{self, Aggregator, Expectation, FedAvg, ModelUpdate};
+use aln_common::aggregate::{self, Aggregator, Expectation, ModelUpdate, ServerOptState};
+use aln_common::codec::Codec;
 use aln_common::cohort::FeatureRow;
 use aln_common::config::{CoordinatorConfig, TrainingPlan};
 use aln_common::experiment::Experiment;
 use aln_common::constants::DEFAULT_WAIT_MS;
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::{ModelState, TensorSpec};
-use aln_common::wire::{PayloadKind, PayloadMeta};
+use aln_common::wire::PayloadMeta;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::{error, info, info_span, warn};
@@ -46,7 +47,7 @@ pub enum Phase {
 /// The answer to a site's `NextTask`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskDecision {
-    Train { round: Round, total_rounds: u32, model_hash: ModelHash, plan: TrainingPlan, experiment: Experiment },
+    Train { round: Round, total_rounds: u32, model_hash: ModelHash, plan: TrainingPlan, experiment: Experiment, mask_epoch: u32, participants: u32 },
     Extract { model_hash: ModelHash, experiment: Experiment },
     Wait { retry_after_ms: u32, reason: String },
     Done { summary: String },
@@ -74,6 +75,29 @@ pub struct JoinInfo {
     pub run_id: String,
     pub plan: TrainingPlan,
     pub total_rounds: u32,
+    /// The run's update codec (fp32, fp16, int8…, or ring32 under secure aggregation).
+    pub codec: Codec,
+}
+
+/// Secure aggregation bookkeeping of the open round: who must mask, with which keys.
+#[derive(Debug, Clone, Default)]
+struct MaskRound {
+    /// Masking attempt (0 first; +1 each time a dropout forces a redo).
+    epoch: u32,
+    /// Sites asked to take part in this attempt.
+    expected: BTreeSet<SiteId>,
+    keys: BTreeMap<SiteId, [u8; 32]>,
+    /// The mask set, once fixed: every site in it must deliver for the masks to cancel.
+    frozen: Option<Vec<(SiteId, [u8; 32])>>,
+}
+
+/// The answer to `PeerKeys`.
+#[derive(Debug, Clone)]
+pub enum PeerKeys {
+    Ready(Vec<(SiteId, [u8; 32])>),
+    NotYet(String),
+    /// The asked-for attempt is over; ask NextTask again.
+    Stale(String),
 }
 
 struct Inner {
@@ -92,6 +116,11 @@ struct Inner {
     told_done: BTreeSet<SiteId>,
     summary: String,
     quorum_warned: bool,
+    /// FedAdam / FedYogi moments carried from round to round.
+    server_state: Option<ServerOptState>,
+    mask: MaskRound,
+    /// Model bytes sent to sites in the open round.
+    downlink_bytes: u64,
 }
 
 /// Owns the run: current model, open round, collected features.
@@ -100,21 +129,28 @@ pub struct RoundController {
     store: StateStore,
     audit: AuditLog,
     experiments: Vec<Experiment>,
-    initial: Arc<ModelState>,
+    /// Hash of the initial model (reloaded from disk for each new experiment, not kept in memory).
+    initial_hash: ModelHash,
     schema: Arc<Vec<TensorSpec>>,
     inner: Mutex<Inner>,
     finished: watch::Sender<bool>,
     stop: watch::Sender<bool>,
+    /// Bumped whenever a site's next task may have changed (long-polling `NextTask`).
+    changed: watch::Sender<u64>,
 }
 
 impl RoundController {
     /// Opens the state directory: resumes a saved run, or starts one from the initial model.
     pub fn open(cfg: Arc<CoordinatorConfig>) -> CoordResult<Arc<Self>> {
         let store = StateStore::new(&cfg.paths.state_dir);
+        // Uploads that were arriving when the coordinator stopped are void: sites re-send.
+        let _ = std::fs::remove_dir_all(store.spool_dir());
         let experiments = cfg.study.plan(&cfg.federation.sites);
         let plan: Vec<String> = experiments.iter().map(|e| e.id.clone()).collect();
-        // One copy of the initial model, shared with the global model while they are the same.
+        // The initial model is read here and again for each new experiment; only the current
+        // global model stays in memory.
         let initial = Arc::new(ModelState::load(&cfg.paths.initial_model)?.0);
+        let initial_hash = initial.weights_hash();
         let mut finished = BTreeMap::new();
         let (run, global) = match store.load()? {
             Some(run) => {
@@ -135,7 +171,7 @@ impl RoundController {
                 (run, model)
             }
             None => {
-                let hash = initial.weights_hash();
+                let hash = initial_hash.clone();
                 let run = RunState {
                     format_version: STATE_FORMAT_VERSION,
                     run_id: new_run_id(&hash),
@@ -156,6 +192,7 @@ impl RoundController {
         if initial.specs() != global.specs() {
             return Err(CoordinatorError::Internal(format!("{} does not match the run's model schema", cfg.paths.initial_model.display())));
         }
+        drop(initial);
         let (finished_tx, _) = watch::channel(false);
         let audit = AuditLog::open(store.dir()).map_err(|e| CoordinatorError::Internal(format!("{}: audit log: {e}", store.dir().display())))?;
         audit.record("coordinator_start", "coordinator", serde_json::json!({"run_id": run.run_id, "experiment": run.experiment, "completed_rounds": run.completed_rounds, "model_sha256": run.global_model_hash.0}));
@@ -164,7 +201,7 @@ impl RoundController {
             store,
             audit,
             experiments,
-            initial,
+            initial_hash,
             inner: Mutex::new(Inner {
                 phase: Phase::Evaluating,
                 run,
@@ -179,9 +216,13 @@ impl RoundController {
                 told_done: BTreeSet::new(),
                 summary: String::new(),
                 quorum_warned: false,
+                server_state: None,
+                mask: MaskRound::default(),
+                downlink_bytes: 0,
             }),
             finished: finished_tx,
             stop: watch::channel(false).0,
+            changed: watch::channel(0).0,
             cfg,
         });
         {
@@ -190,6 +231,10 @@ impl RoundController {
                 // Every experiment's features are on disk: only the evaluation is missing.
                 g.phase = Phase::CollectingFeatures { opened: Instant::now() };
             } else {
+                if g.run.completed_rounds > 0 {
+                    let exp = this.experiment(&g).id.clone();
+                    g.server_state = this.store.load_server_state(&exp, Round(g.run.completed_rounds))?;
+                }
                 let next = Round(g.run.completed_rounds + 1);
                 this.enter_round_or_features(&mut g, next);
             }
@@ -253,12 +298,34 @@ impl RoundController {
         self.cfg.federation.sites.contains(site)
     }
 
+    /// Wakes long-polling `NextTask` calls: something a site waits for may have changed.
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// A receiver that changes whenever a waiting site should ask again.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// The codec every update of this run must use.
+    pub fn update_codec(&self) -> Codec {
+        if self.cfg.privacy.secure_aggregation { Codec::Ring32 } else { self.cfg.federation.update_codec }
+    }
+
+    fn new_aggregator(&self, g: &Inner) -> Box<dyn Aggregator> {
+        aggregate::build(&self.cfg.aggregation, &self.cfg.privacy, &g.global, g.server_state.clone())
+    }
+
     fn enter_round_or_features(&self, g: &mut Inner, round: Round) {
         g.contributions.clear();
         g.rejected.clear();
         g.quorum_warned = false;
+        g.downlink_bytes = 0;
+        self.notify();
         if round.0 <= self.cfg.federation.rounds {
-            g.aggregator = Some(Box::new(FedAvg::new(&g.global)));
+            g.aggregator = Some(self.new_aggregator(g));
+            g.mask = MaskRound { epoch: 0, expected: self.experiment(g).participants(&self.cfg.federation.sites).cloned().collect(), ..Default::default() };
             g.phase = Phase::Training { round, opened: Instant::now() };
             info!(experiment = %self.experiment(g).id, %round, model = %g.run.global_model_hash.short(), "round open");
         } else {
@@ -276,7 +343,7 @@ impl RoundController {
             info!(%site, "site joined");
         }
         self.audit.record("join", site.as_str(), serde_json::json!({"run_id": g.run.run_id}));
-        JoinInfo { run_id: g.run.run_id.clone(), plan: self.cfg.training, total_rounds: self.cfg.federation.rounds }
+        JoinInfo { run_id: g.run.run_id.clone(), plan: self.cfg.training, total_rounds: self.cfg.federation.rounds, codec: self.update_codec() }
     }
 
     pub fn next_task(&self, site: &SiteId) -> TaskDecision {
@@ -286,10 +353,15 @@ impl RoundController {
         match &g.phase {
             Phase::Training { round, .. } => {
                 let experiment = self.experiment(&g);
+                let secure = self.cfg.privacy.secure_aggregation;
                 if !experiment.trains(site) {
                     wait("held out of this experiment's training")
                 } else if g.contributions.iter().any(|c| &c.site == site) {
                     wait("waiting for the other sites' updates")
+                } else if secure && !g.mask.expected.contains(site) {
+                    wait("left out of this round's mask set (secure aggregation); waiting for the next round")
+                } else if secure && g.mask.frozen.as_ref().is_some_and(|f| !f.iter().any(|(s, _)| s == site)) {
+                    wait("this round's mask set was fixed without this site; waiting for the next round")
                 } else {
                     TaskDecision::Train {
                         round: *round,
@@ -297,6 +369,8 @@ impl RoundController {
                         model_hash: g.run.global_model_hash.clone(),
                         plan: self.cfg.training,
                         experiment: experiment.clone(),
+                        mask_epoch: g.mask.epoch,
+                        participants: g.mask.expected.len() as u32,
                     }
                 }
             }
@@ -322,66 +396,76 @@ impl RoundController {
 
     /// The current global model, if `hash` names it (empty = current).
     pub fn model_for_pull(&self, site: &SiteId, hash: &str) -> CoordResult<(Arc<ModelState>, PayloadMeta)> {
-        let g = self.lock();
+        let mut g = self.lock();
         self.audit.record("model_pull", site.as_str(), serde_json::json!({"requested": hash, "current_sha256": g.run.global_model_hash.0}));
         if !hash.is_empty() && hash != g.run.global_model_hash.0 {
             return Err(CoordinatorError::ModelNotFound(hash.to_string()));
         }
-        let meta = PayloadMeta {
-            kind: PayloadKind::Weights,
-            round: Round(g.run.completed_rounds),
-            base_model_hash: g.run.global_model_hash.clone(),
-            sample_count: 0,
-        };
+        let meta = PayloadMeta::weights(Round(g.run.completed_rounds), g.run.global_model_hash.clone());
+        g.downlink_bytes += g.global.byte_len() as u64;
         Ok((g.global.clone(), meta))
+    }
+
+    /// What an update from `site` must look like now; refuses at once when no update from it
+    /// can be accepted (no round open, held out, already sent, not in the mask set).
+    pub fn expectation_for(&self, site: &SiteId) -> CoordResult<Expectation> {
+        let g = self.lock();
+        self.expectation_locked(&g, site)
+    }
+
+    fn expectation_locked(&self, g: &Inner, site: &SiteId) -> CoordResult<Expectation> {
+        let round = match g.phase {
+            Phase::Training { round, .. } => round,
+            _ => return Err(CoordinatorError::WrongPhase("no round is open for updates (the update arrived too late or too early)".into())),
+        };
+        if !self.experiment(g).trains(site) {
+            return Err(CoordinatorError::WrongPhase(format!("{site} is held out of experiment {}", self.experiment(g).id)));
+        }
+        if g.contributions.iter().any(|c| &c.site == site) {
+            return Err(CoordinatorError::AlreadySubmitted { site: site.clone(), round });
+        }
+        if self.cfg.privacy.secure_aggregation && !g.mask.frozen.as_ref().is_some_and(|f| f.iter().any(|(s, _)| s == site)) {
+            return Err(CoordinatorError::WrongPhase(format!("{site} is not in the mask set of round {round} attempt {}", g.mask.epoch)));
+        }
+        Ok(Expectation {
+            global_hash: g.run.global_model_hash.clone(),
+            round,
+            max_sample_count: self.cfg.federation.max_sample_count,
+            max_norm: self.cfg.federation.max_update_norm,
+            codec: self.update_codec(),
+            mask_epoch: g.mask.epoch,
+            numel: g.global.numel(),
+        })
     }
 
     /// Checks a received update and folds it into the open round.
     pub fn submit_update(self: &Arc<Self>, update: ModelUpdate, bytes: u64, receive_s: f64) -> CoordResult<Round> {
-        let span = info_span!("update", site = %update.site, round = %update.round);
+        let span = info_span!("update", site = %update.site, round = %update.meta.round);
         let _e = span.enter();
         let outcome = {
             let mut g = self.lock();
-            let round = match g.phase {
-                Phase::Training { round, .. } => round,
-                _ => {
-                    return Err(CoordinatorError::WrongPhase(format!(
-                        "no round is open for updates (update for round {} arrived too late or too early)",
-                        update.round
-                    )));
-                }
-            };
-            if !self.experiment(&g).trains(&update.site) {
-                return Err(CoordinatorError::WrongPhase(format!("{} is held out of experiment {}", update.site, self.experiment(&g).id)));
-            }
-            if g.contributions.iter().any(|c| c.site == update.site) {
-                return Err(CoordinatorError::AlreadySubmitted { site: update.site.clone(), round });
-            }
-            let exp = Expectation {
-                global: &g.global,
-                global_hash: &g.run.global_model_hash,
-                round,
-                max_sample_count: self.cfg.federation.max_sample_count,
-                max_norm: self.cfg.federation.max_update_norm,
-            };
-            let checked = aggregate::validate(&update, exp).and_then(|_| {
-                g.aggregator.as_mut().expect("aggregator of an open round").accumulate(&update)
-            });
+            // The round may have moved on while the update streamed in: check again, now.
+            let exp = self.expectation_locked(&g, &update.site)?;
+            let round = exp.round;
+            let (site, samples, base) = (update.site.clone(), update.sample_count(), update.meta.base_model_hash.clone());
+            let t = Instant::now();
+            let checked = aggregate::validate(&update, &exp).and_then(|_| g.aggregator.as_mut().expect("aggregator of an open round").accumulate(update));
+            let accumulate_s = t.elapsed().as_secs_f64();
             match checked {
                 Ok(()) => {
                     self.audit.record(
                         "update_accepted",
-                        update.site.as_str(),
-                        serde_json::json!({"experiment": self.experiment(&g).id, "round": round.0, "samples": update.sample_count, "bytes": bytes, "base_model_sha256": update.base.0}),
+                        site.as_str(),
+                        serde_json::json!({"experiment": self.experiment(&g).id, "round": round.0, "samples": samples, "bytes": bytes, "base_model_sha256": base.0, "mask_epoch": exp.mask_epoch}),
                     );
-                    g.contributions.push(Contribution { site: update.site.clone(), sample_count: update.sample_count, bytes, receive_s });
-                    info!(samples = update.sample_count, bytes, receive_s, "update accepted ({}/{})", g.contributions.len(), self.participants(&g));
+                    g.contributions.push(Contribution { site: site.clone(), sample_count: samples, bytes, receive_s, accumulate_s });
+                    info!(samples, bytes, receive_s, accumulate_s, "update accepted ({}/{})", g.contributions.len(), self.participants(&g));
                     Ok(round)
                 }
                 Err(e) => {
                     warn!("update rejected: {e}");
-                    self.audit.record("update_rejected", update.site.as_str(), serde_json::json!({"round": round.0, "reason": e.to_string()}));
-                    g.rejected.push(format!("{}: {e}", update.site));
+                    self.audit.record("update_rejected", site.as_str(), serde_json::json!({"round": round.0, "reason": e.to_string()}));
+                    g.rejected.push(format!("{site}: {e}"));
                     Err(CoordinatorError::from(e))
                 }
             }
@@ -390,6 +474,55 @@ impl RoundController {
             self.advance();
         }
         outcome
+    }
+
+    /// Secure aggregation: a site's public key for the open round's masking attempt.
+    pub fn share_key(self: &Arc<Self>, site: &SiteId, experiment: &str, round: Round, epoch: u32, key: [u8; 32]) -> CoordResult<()> {
+        let mut g = self.lock();
+        if !self.cfg.privacy.secure_aggregation {
+            return Err(CoordinatorError::WrongPhase("secure aggregation is off in this run".into()));
+        }
+        match g.phase {
+            Phase::Training { round: open, .. } if open == round && epoch == g.mask.epoch && experiment == self.experiment(&g).id => {}
+            _ => return Err(CoordinatorError::WrongPhase(format!("round {round} attempt {epoch} of {experiment} is not open for keys"))),
+        }
+        if !g.mask.expected.contains(site) {
+            return Err(CoordinatorError::WrongPhase(format!("{site} is not expected in the mask set of round {round}")));
+        }
+        if let Some(frozen) = &g.mask.frozen {
+            return if frozen.iter().any(|(s, k)| s == site && *k == key) {
+                Ok(())
+            } else {
+                Err(CoordinatorError::WrongPhase(format!("the mask set of round {round} attempt {epoch} is already fixed")))
+            };
+        }
+        g.mask.keys.insert(site.clone(), key);
+        self.audit.record("mask_key", site.as_str(), serde_json::json!({"round": round.0, "mask_epoch": epoch, "public_key": hex::encode(key)}));
+        if g.mask.keys.len() == g.mask.expected.len() {
+            self.freeze_mask_set(&mut g);
+        }
+        Ok(())
+    }
+
+    fn freeze_mask_set(&self, g: &mut Inner) {
+        let set: Vec<(SiteId, [u8; 32])> = g.mask.keys.iter().map(|(s, k)| (s.clone(), *k)).collect();
+        info!(epoch = g.mask.epoch, sites = ?set.iter().map(|(s, _)| s.to_string()).collect::<Vec<_>>(), "mask set fixed");
+        g.mask.frozen = Some(set);
+        self.notify();
+    }
+
+    /// Secure aggregation: the mask set's keys once fixed.
+    pub fn peer_keys(&self, site: &SiteId, round: Round, epoch: u32) -> PeerKeys {
+        let g = self.lock();
+        match g.phase {
+            Phase::Training { round: open, .. } if open == round && epoch == g.mask.epoch => {}
+            _ => return PeerKeys::Stale(format!("round {round} attempt {epoch} is over")),
+        }
+        match &g.mask.frozen {
+            Some(set) if set.iter().any(|(s, _)| s == site) => PeerKeys::Ready(set.clone()),
+            Some(_) => PeerKeys::Stale("the mask set was fixed without this site".into()),
+            None => PeerKeys::NotYet(format!("{} of {} keys", g.mask.keys.len(), g.mask.expected.len())),
+        }
     }
 
     /// Records a site's rejected transfer (bad digest, malformed stream) in the round history.
@@ -443,7 +576,15 @@ impl RoundController {
                 let n = g.contributions.len();
                 let participants = self.participants(&g);
                 let timed_out = opened.elapsed() >= timeout;
-                if n == participants || (timed_out && n >= fed.min_sites.min(participants)) {
+                let secure = self.cfg.privacy.secure_aggregation;
+                // Masks cancel only over the whole mask set: a secure round closes when every
+                // member delivered, never on a partial quorum.
+                let complete = if secure { g.mask.frozen.as_ref().is_some_and(|f| n == f.len()) } else { n == participants };
+                let quorum = !secure && timed_out && n >= fed.min_sites.min(participants);
+                if secure && !complete && timed_out && self.restart_masking(&mut g, round) {
+                    return;
+                }
+                if complete || quorum {
                     let aggregator = g.aggregator.take().expect("aggregator of an open round");
                     let global = g.global.clone();
                     g.phase = Phase::Aggregating { round };
@@ -504,17 +645,51 @@ impl RoundController {
         }
     }
 
+    /// Secure aggregation after the round timeout: fix the mask set with the keys present, or,
+    /// when a member of a fixed set has not delivered, redo the masking without the missing
+    /// sites (their masks can never be removed). False when too few sites are left.
+    fn restart_masking(&self, g: &mut Inner, round: Round) -> bool {
+        let need = self.cfg.federation.min_sites.min(self.participants(g));
+        let delivered: BTreeSet<SiteId> = g.contributions.iter().map(|c| c.site.clone()).collect();
+        let next_expected = match &g.mask.frozen {
+            None if g.mask.keys.len() >= need => {
+                g.mask.expected = g.mask.keys.keys().cloned().collect();
+                self.freeze_mask_set(g);
+                g.phase = Phase::Training { round, opened: Instant::now() };
+                return true;
+            }
+            None => return false,
+            Some(_) if delivered.len() >= need => delivered,
+            Some(_) => return false,
+        };
+        let missing: Vec<String> = g.mask.frozen.iter().flatten().filter(|(s, _)| !next_expected.contains(s)).map(|(s, _)| s.to_string()).collect();
+        warn!(%round, epoch = g.mask.epoch + 1, ?missing, "masked updates missing after the timeout: their masks cannot be removed; redoing this round's masking without them");
+        self.audit.record("mask_restart", "coordinator", serde_json::json!({"round": round.0, "epoch": g.mask.epoch + 1, "missing": missing}));
+        g.mask = MaskRound { epoch: g.mask.epoch + 1, expected: next_expected, ..Default::default() };
+        g.rejected.push(format!("masking attempt {} dropped: no update from {}", g.mask.epoch - 1, missing.join(", ")));
+        g.contributions.clear();
+        g.aggregator = Some(self.new_aggregator(g));
+        g.phase = Phase::Training { round, opened: Instant::now() };
+        self.notify();
+        true
+    }
+
     /// Moves to the next experiment (from the initial model) or marks the study complete.
     fn start_next_experiment(&self, g: &mut Inner) -> CoordResult<()> {
         let mut run = g.run.clone();
         run.experiment += 1;
         run.completed_rounds = 0;
         if let Some(next) = self.experiments.get(run.experiment) {
-            run.global_model_hash = self.initial.weights_hash();
-            self.store.save_model(&next.id, Round(0), &self.initial, &run.run_id)?;
+            let initial = ModelState::load(&self.cfg.paths.initial_model)?.0;
+            if initial.weights_hash() != self.initial_hash {
+                return Err(CoordinatorError::Internal(format!("{} changed during the run", self.cfg.paths.initial_model.display())));
+            }
+            run.global_model_hash = self.initial_hash.clone();
+            self.store.save_model(&next.id, Round(0), &initial, &run.run_id)?;
             self.store.save(&run)?;
             g.run = run;
-            g.global = self.initial.clone();
+            g.global = Arc::new(initial);
+            g.server_state = None;
             self.enter_round_or_features(g, Round(1));
         } else {
             self.store.save(&run)?;
@@ -529,11 +704,13 @@ impl RoundController {
         let duration_s = opened.elapsed().as_secs_f64();
         let t = Instant::now();
         let result = aggregator.finish(&global);
+        drop(global);
         let aggregate_s = t.elapsed().as_secs_f64();
-        let next = match result {
+        let agg = match result {
             Ok(m) => m,
             Err(e) => return self.fail(format!("aggregation of round {round} failed: {e}")),
         };
+        let next = agg.model;
         let t = Instant::now();
         let hash = next.weights_hash();
         let (run_id, experiment) = {
@@ -542,6 +719,11 @@ impl RoundController {
         };
         if let Err(e) = self.store.save_model(&experiment, round, &next, &run_id) {
             return self.fail(format!("checkpoint of round {round} failed: {e}"));
+        }
+        if let Some(state) = &agg.server_state {
+            if let Err(e) = self.store.save_server_state(&experiment, round, &next, state) {
+                return self.fail(format!("checkpoint of the server optimiser after round {round} failed: {e}"));
+            }
         }
         let mut g = self.lock();
         let record = RoundRecord {
@@ -553,6 +735,11 @@ impl RoundController {
             duration_s,
             aggregate_s,
             checkpoint_s: 0.0,
+            uplink_bytes: g.contributions.iter().map(|c| c.bytes).sum(),
+            downlink_bytes: g.downlink_bytes,
+            mask_epochs: g.mask.epoch + 1,
+            clipped: agg.clipped,
+            noise_std: agg.noise_std,
         };
         let mut run = g.run.clone();
         run.completed_rounds = round.0;
@@ -568,6 +755,7 @@ impl RoundController {
         }
         g.run = run;
         g.global = Arc::new(next);
+        g.server_state = agg.server_state;
         self.audit.record(
             "model_version",
             "coordinator",
@@ -587,6 +775,7 @@ impl RoundController {
                 g.phase = Phase::Done;
                 info!("report written to {}", self.store.dir().display());
                 drop(g);
+                self.notify();
                 let _ = self.finished.send(true);
             }
             Err(e) => self.fail(format!("evaluation failed: {e:#}")),
@@ -597,6 +786,7 @@ impl RoundController {
         error!("{message}");
         self.audit.record("run_failed", "coordinator", serde_json::json!({"reason": message}));
         self.lock().phase = Phase::Failed(message);
+        self.notify();
         let _ = self.finished.send(true);
     }
 

@@ -6,11 +6,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aln_common::aggregate::ModelUpdate;
+use aln_common::aggregate::spool::SpoolSink;
+use aln_common::codec::Codec;
+use aln_common::ids::Round;
 use aln_common::cohort::{FeatureRow, NStage};
 use aln_common::constants::{MAX_GRADCAM_BYTES, MAX_GRADCAMS_PER_SITE, MAX_GRPC_MESSAGE_BYTES};
 use aln_common::ids::SiteId;
 use aln_common::tls;
-use aln_common::wire::{ChunkEncoder, PayloadKind, ReceiveLimits, Reassembler};
+use aln_common::wire::{ChunkEncoder, ReceiveLimits, StreamDecoder};
 use aln_proto::{
     self as pb, PROTO_VERSION,
     admin_server::{Admin, AdminServer},
@@ -25,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::html::GradCamImage;
-use crate::rounds::{RoundController, TaskDecision};
+use crate::rounds::{PeerKeys, RoundController, TaskDecision};
 use crate::status::{CoordResult, CoordinatorError};
 
 /// Serves the federation on `listener` until `shutdown` resolves. Every connection must
@@ -78,6 +81,9 @@ pub async fn run(
     Ok(())
 }
 
+/// Longest a `NextTask` or `PeerKeys` call is held open when there is nothing new to say.
+const LONG_POLL: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -124,26 +130,64 @@ impl Federation for FederationService {
         if r.proto_version != PROTO_VERSION {
             return Err(CoordinatorError::Version { got: r.proto_version, want: PROTO_VERSION }.into());
         }
-        info!(%site, software = %r.software_version, train_patients = r.train_patients, total_patients = r.total_patients, "join");
         let j = self.ctl.join(&site);
+        // Codec negotiation: the run's codec must be one the site can produce.
+        let offered: Vec<Codec> = r.codecs.iter().filter_map(|&c| Codec::from_proto(c).ok()).collect();
+        if !offered.contains(&j.codec) && !(offered.is_empty() && j.codec == Codec::F32) {
+            return Err(CoordinatorError::WrongPhase(format!(
+                "this run sends updates as {}, which {site} does not support (it offers {}); upgrade the site-node",
+                j.codec,
+                offered.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ))
+            .into());
+        }
+        info!(%site, software = %r.software_version, train_patients = r.train_patients, total_patients = r.total_patients, codec = %j.codec, "join");
+        let cfg = self.ctl.config();
+        let privacy = &cfg.privacy;
         Ok(Response::new(pb::JoinReply {
             site_id: site.to_string(),
             run_id: j.run_id,
             plan: Some(plan_to_proto(&j.plan)),
             total_rounds: j.total_rounds,
+            protocol: Some(pb::UpdateProtocol {
+                codec: j.codec.to_proto() as i32,
+                dp_mode: privacy.dp.to_proto() as i32,
+                clip_norm: privacy.clip_norm,
+                noise_multiplier: privacy.noise_multiplier,
+                secure_aggregation: privacy.secure_aggregation,
+                ring_fraction_bits: privacy.ring_fraction_bits,
+                proximal_mu: cfg.aggregation.site_proximal_mu(),
+            }),
         }))
     }
 
     async fn next_task(&self, req: Request<pb::TaskRequest>) -> Result<Response<pb::Task>, Status> {
         let site = self.identify(&req)?;
         use pb::task::Kind;
-        let kind = match self.ctl.next_task(&site) {
-            TaskDecision::Train { round, total_rounds, model_hash, plan, experiment } => Kind::Train(pb::TrainTask {
+        // Long poll: a site with nothing to do is answered as soon as that changes (or after
+        // the wait), so a new round reaches every site within milliseconds.
+        let mut changes = self.ctl.changes();
+        changes.borrow_and_update();
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        let decision = loop {
+            match self.ctl.next_task(&site) {
+                TaskDecision::Wait { .. } if tokio::time::Instant::now() < deadline => {
+                    if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                        continue;
+                    }
+                }
+                d => break d,
+            }
+        };
+        let kind = match decision {
+            TaskDecision::Train { round, total_rounds, model_hash, plan, experiment, mask_epoch, participants } => Kind::Train(pb::TrainTask {
                 round: round.0,
                 model_hash: model_hash.0,
                 plan: Some(plan_to_proto(&plan)),
                 experiment: Some(pb::Experiment::from(&experiment)),
                 total_rounds,
+                mask_epoch,
+                participants,
             }),
             TaskDecision::Extract { model_hash, experiment } => {
                 Kind::Extract(pb::ExtractTask { model_hash: model_hash.0, experiment: Some(pb::Experiment::from(&experiment)) })
@@ -170,16 +214,19 @@ impl Federation for FederationService {
     async fn push_update(&self, req: Request<Streaming<pb::ModelChunk>>) -> Result<Response<pb::UpdateAck>, Status> {
         let site = self.identify(&req)?;
         let mut stream = req.into_inner();
+        // Refused before a byte of the body is read when no update from this site fits now.
+        let expectation = self.ctl.expectation_for(&site)?;
         let schema = self.ctl.schema();
-        let total: u64 = schema.iter().map(|s| s.numel() as u64 * 4).sum();
-        let mut reassembler = Reassembler::new(ReceiveLimits {
-            max_total_bytes: total,
-            max_chunk_bytes: self.ctl.config().federation.max_chunk_bytes,
-            expected_schema: Some(schema),
-        });
+        let codec = expectation.codec;
+        let total: u64 = schema.iter().map(|s| (s.numel() * codec.bytes_per_value()) as u64).sum();
+        let sink = SpoolSink::new(&self.ctl.store().spool_dir(), site.as_str(), expectation);
+        let mut decoder = StreamDecoder::with_sink(
+            ReceiveLimits { max_total_bytes: total, max_chunk_bytes: self.ctl.config().federation.max_chunk_bytes, expected_schema: Some(schema) },
+            sink,
+        );
         let started = Instant::now();
         let mut bytes = 0u64;
-        let mut payload = None;
+        let mut received = None;
         let reject = |e: CoordinatorError| {
             warn!(%site, "transfer rejected: {e}");
             self.ctl.record_rejection(&site, &e.to_string());
@@ -192,30 +239,65 @@ impl Federation for FederationService {
                 Err(s) => return Err(reject(CoordinatorError::Transport(s.message().to_string()))),
             };
             bytes += msg.encoded_len() as u64;
-            match reassembler.push(msg) {
-                Ok(Some(p)) => payload = Some(p),
+            // Decoding and the spool write are short (one chunk); keep them off the reactor anyway.
+            match tokio::task::block_in_place(|| decoder.push(msg)) {
+                Ok(Some(p)) => received = Some(p),
                 Ok(None) => {}
                 Err(e) => return Err(reject(e.into())),
             }
         }
-        reassembler.finish().map_err(|e| reject(e.into()))?;
-        let p = payload.ok_or_else(|| reject(CoordinatorError::Transport("no payload".into())))?;
-        if p.meta.kind != PayloadKind::Delta {
-            return Err(reject(aln_common::Error::InvalidUpdate("an update must carry a delta, not full weights".into()).into()));
-        }
-        let update = ModelUpdate {
-            site: site.clone(),
-            round: p.meta.round,
-            base: p.meta.base_model_hash,
-            sample_count: p.meta.sample_count,
-            delta: p.state,
-        };
+        decoder.finish().map_err(|e| reject(e.into()))?;
+        let p = received.ok_or_else(|| reject(CoordinatorError::Transport("no payload".into())))?;
+        let (values, summary) = p.body;
+        let update = ModelUpdate { site: site.clone(), meta: p.meta, values, summary };
         let receive_s = started.elapsed().as_secs_f64();
         let ctl = self.ctl.clone();
         let round = tokio::task::spawn_blocking(move || ctl.submit_update(update, bytes, receive_s))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(pb::UpdateAck { round: round.0, message: format!("update of {site} accepted for round {round}") }))
+    }
+
+    async fn share_key(&self, req: Request<pb::KeyShare>) -> Result<Response<pb::KeyAck>, Status> {
+        let site = self.identify(&req)?;
+        let k = req.into_inner();
+        let key: [u8; 32] = k
+            .public_key
+            .as_slice()
+            .try_into()
+            .map_err(|_| CoordinatorError::from(aln_common::Error::MalformedPayload(format!("an X25519 public key has 32 bytes, not {}", k.public_key.len()))))?;
+        match self.ctl.share_key(&site, &k.experiment, Round(k.round), k.mask_epoch, key) {
+            Ok(()) => Ok(Response::new(pb::KeyAck { accepted: true, message: String::new() })),
+            Err(CoordinatorError::WrongPhase(m)) => Ok(Response::new(pb::KeyAck { accepted: false, message: m })),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn peer_keys(&self, req: Request<pb::PeerKeysRequest>) -> Result<Response<pb::PeerKeysReply>, Status> {
+        let site = self.identify(&req)?;
+        let r = req.into_inner();
+        let mut changes = self.ctl.changes();
+        changes.borrow_and_update();
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        let reply = loop {
+            match self.ctl.peer_keys(&site, Round(r.round), r.mask_epoch) {
+                PeerKeys::NotYet(reason) if tokio::time::Instant::now() < deadline => {
+                    if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                        break pb::PeerKeysReply { ready: false, keys: vec![], reason };
+                    }
+                }
+                PeerKeys::NotYet(reason) => break pb::PeerKeysReply { ready: false, keys: vec![], reason },
+                PeerKeys::Stale(reason) => return Err(CoordinatorError::WrongPhase(reason).into()),
+                PeerKeys::Ready(set) => {
+                    break pb::PeerKeysReply {
+                        ready: true,
+                        keys: set.into_iter().map(|(s, k)| pb::PeerKey { site_id: s.to_string(), public_key: k.to_vec() }).collect(),
+                        reason: String::new(),
+                    };
+                }
+            }
+        };
+        Ok(Response::new(reply))
     }
 
     async fn submit_features(&self, req: Request<pb::FeatureBatch>) -> Result<Response<pb::FeatureAck>, Status> {

@@ -17,6 +17,7 @@ use aln_common::atomic_file;
 use aln_common::cohort::FeatureRow;
 use aln_common::constants::{global_model_file, state_files};
 use aln_common::ids::{ModelHash, Round, SiteId};
+use aln_common::aggregate::ServerOptState;
 use aln_common::model_state::ModelState;
 use serde::{Deserialize, Serialize};
 
@@ -31,8 +32,11 @@ pub struct Contribution {
     pub site: SiteId,
     pub sample_count: u64,
     pub bytes: u64,
-    /// Seconds from the first to the last chunk received, including reassembly.
+    /// Seconds from the first to the last chunk received, including decoding and spooling.
     pub receive_s: f64,
+    /// Seconds to validate the update and fold it into the aggregate.
+    #[serde(default)]
+    pub accumulate_s: f64,
 }
 
 /// What happened in one completed round.
@@ -47,6 +51,19 @@ pub struct RoundRecord {
     pub duration_s: f64,
     pub aggregate_s: f64,
     pub checkpoint_s: f64,
+    /// Update bytes received (encoded, with framing) and model bytes sent in this round.
+    #[serde(default)]
+    pub uplink_bytes: u64,
+    #[serde(default)]
+    pub downlink_bytes: u64,
+    /// Secure aggregation: masking attempts this round needed (1 without dropouts).
+    #[serde(default)]
+    pub mask_epochs: u32,
+    /// Central DP: updates scaled down by clipping, and the noise std per coordinate of the mean.
+    #[serde(default)]
+    pub clipped: usize,
+    #[serde(default)]
+    pub noise_std: f64,
 }
 
 /// Durable progress of a run.
@@ -136,6 +153,33 @@ impl StateStore {
             ("kind".to_string(), "global".to_string()),
         ]);
         Ok(model.save(&self.model_path(experiment, round), &meta)?)
+    }
+
+    fn server_state_path(&self, experiment: &str, round: Round, moment: &str) -> PathBuf {
+        self.dir.join(state_files::MODELS_DIR).join(experiment).join(format!("server_{moment}_r{:04}.safetensors", round.0))
+    }
+
+    /// FedAdam / FedYogi moments after `round`, next to that round's model.
+    pub fn save_server_state(&self, experiment: &str, round: Round, like: &ModelState, state: &ServerOptState) -> CoordResult<()> {
+        for (moment, values) in [("m", &state.m), ("v", &state.v)] {
+            let m = ModelState::new(like.specs().to_vec(), values.clone())?;
+            m.save(&self.server_state_path(experiment, round, moment), &HashMap::new())?;
+        }
+        Ok(())
+    }
+
+    /// The moments saved after `round`, if that round had any.
+    pub fn load_server_state(&self, experiment: &str, round: Round) -> CoordResult<Option<ServerOptState>> {
+        let (m, v) = (self.server_state_path(experiment, round, "m"), self.server_state_path(experiment, round, "v"));
+        if !m.exists() || !v.exists() {
+            return Ok(None);
+        }
+        Ok(Some(ServerOptState { m: ModelState::load(&m)?.0.into_data(), v: ModelState::load(&v)?.0.into_data() }))
+    }
+
+    /// The directory uploads are spooled to while they arrive.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.dir.join("spool")
     }
 
     /// Loads the model of `round` and checks it is the version the state recorded.

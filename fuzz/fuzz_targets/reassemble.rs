@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         let Ok(chunk) = pb::ModelChunk::decode(msg) else { continue };
         match r.push(chunk) {
-            Ok(Some(p)) => assert!(p.state.byte_len() <= 1 << 20),
+            Ok(Some(p)) => assert!(p.body.byte_len() <= 1 << 20),
             Ok(None) => {}
             Err(_) => return,
         }

@@ -12,7 +12,10 @@ use aln_common::experiment::Experiment;
 use aln_common::constants::{FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::ModelState;
-use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta, ReceiveLimits, Reassembler};
+use aln_common::codec::{Codec, Encoded, ErrorFeedback, SUPPORTED_CODECS, ring_encode};
+use aln_common::privacy::secagg::{MaskContext, MaskingKey};
+use aln_common::privacy::{DpMode, dp};
+use aln_common::wire::{ChunkEncoder, PayloadMeta, ReceiveLimits, Reassembler};
 use aln_proto::{self as pb, PROTO_VERSION, federation_client::FederationClient};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::Serialize;
@@ -44,6 +47,35 @@ struct TrainJob {
     hash: ModelHash,
     plan: TrainingPlan,
     experiment: Experiment,
+    mask_epoch: u32,
+}
+
+/// How this run's updates are made, as decided by the coordinator at `Join`.
+#[derive(Debug, Clone)]
+struct Protocol {
+    codec: Codec,
+    dp: DpMode,
+    clip_norm: f64,
+    noise_multiplier: f64,
+    secure_aggregation: bool,
+    ring_fraction_bits: u32,
+    proximal_mu: f64,
+}
+
+impl Protocol {
+    fn from_proto(p: Option<pb::UpdateProtocol>) -> Result<Self> {
+        let p = p.unwrap_or_default();
+        let codec = if p.codec == 0 { Codec::F32 } else { Codec::from_proto(p.codec)? };
+        Ok(Self {
+            codec,
+            dp: DpMode::from_proto(p.dp_mode),
+            clip_norm: p.clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            secure_aggregation: p.secure_aggregation,
+            ring_fraction_bits: p.ring_fraction_bits,
+            proximal_mu: p.proximal_mu,
+        })
+    }
 }
 
 /// The network (built from the first global model received), lent to blocking threads.
@@ -70,6 +102,13 @@ pub struct Session {
     cfg: SiteConfig,
     /// How long to ride out a coordinator outage (restart, network) before giving up.
     patience: Duration,
+    /// Benchmark mode: no training, zero deltas (see `site-node run --overhead-probe`).
+    pub overhead_probe: bool,
+    protocol: Option<Protocol>,
+    run_id: String,
+    site: Option<SiteId>,
+    /// Model bytes of the last download.
+    last_pull_bytes: u64,
 }
 
 /// Per-round timings the site keeps in `work_dir/timings.jsonl`.
@@ -79,8 +118,12 @@ struct RoundTiming {
     round: u32,
     pull_s: f64,
     train_s: f64,
+    /// Subtracting, privatising, compressing or masking the delta, and keeping a local copy.
+    prepare_s: f64,
     push_s: f64,
     bytes_sent: u64,
+    bytes_received: u64,
+    codec: String,
     mean_loss: f64,
 }
 
@@ -109,7 +152,7 @@ impl Session {
         let client = FederationClient::new(channel)
             .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-        Ok(Self { client, cfg, patience })
+        Ok(Self { client, cfg, patience, overhead_probe: false, protocol: None, run_id: String::new(), site: None, last_pull_bytes: 0 })
     }
 
     /// Follows the coordinator's tasks until it says the run is done.
@@ -126,12 +169,17 @@ impl Session {
                 software_version: env!("CARGO_PKG_VERSION").into(),
                 train_patients: train_n,
                 total_patients: total_n,
+                codecs: SUPPORTED_CODECS.iter().map(|c| c.to_proto() as i32).collect(),
             })
             .await
             .context("join refused")?
             .into_inner();
         let site = SiteId::new(joined.site_id.clone())?;
-        info!(%site, run = %joined.run_id, rounds = joined.total_rounds, "joined the federation");
+        let protocol = Protocol::from_proto(joined.protocol)?;
+        info!(%site, run = %joined.run_id, rounds = joined.total_rounds, codec = %protocol.codec, dp = ?protocol.dp, secure_aggregation = protocol.secure_aggregation, proximal_mu = protocol.proximal_mu, "joined the federation");
+        self.protocol = Some(protocol);
+        self.run_id = joined.run_id.clone();
+        self.site = Some(site.clone());
         let image_size = joined.plan.as_ref().map_or(64, |p| p.image_size);
         let t = Instant::now();
         let data = Arc::new(tokio::task::spawn_blocking(move || SiteData::load(rows, image_size)).await??);
@@ -166,7 +214,7 @@ impl Session {
                     let plan = plan_from_proto(t.plan.as_ref().ok_or_else(|| anyhow!("train task without a plan"))?);
                     let experiment = Experiment::try_from(t.experiment.clone().unwrap_or_default())?;
                     let span = info_span!("round", experiment = %experiment.id, round = t.round, %site);
-                    let job = TrainJob { round: t.round, total_rounds: t.total_rounds, hash: ModelHash(t.model_hash), plan, experiment };
+                    let job = TrainJob { round: t.round, total_rounds: t.total_rounds, hash: ModelHash(t.model_hash), plan, experiment, mask_epoch: t.mask_epoch };
                     self.train_round(&data, &net, job, site_seed, &updates_dir).instrument(span).await
                 }
                 Some(Kind::Extract(e)) => {
@@ -234,28 +282,54 @@ impl Session {
         if &p.digest != hash {
             bail!("received model {} but asked for {}", p.digest.short(), hash.short());
         }
-        Ok(p.state)
+        self.last_pull_bytes = p.body.byte_len() as u64;
+        Ok(p.body)
     }
 
     async fn train_round(&mut self, data: &Arc<SiteData>, net: &SharedNet, job: TrainJob, site_seed: u64, updates_dir: &std::path::Path) -> Result<()> {
-        let TrainJob { round, total_rounds, hash, plan, experiment } = job;
+        let TrainJob { round, total_rounds, hash, plan, experiment, mask_epoch } = job;
+        let protocol = self.protocol.clone().ok_or_else(|| anyhow!("train task before join"))?;
+        let site = self.site.clone().ok_or_else(|| anyhow!("train task before join"))?;
+        // Secure aggregation: a fresh key pair per round and attempt, published before
+        // training so the mask set is ready when training ends.
+        let masking = if protocol.secure_aggregation {
+            let key = MaskingKey::generate();
+            let ack = self
+                .client
+                .share_key(pb::KeyShare { round, mask_epoch, public_key: key.public.to_vec(), experiment: experiment.id.clone() })
+                .await
+                .context("sharing the masking key")?
+                .into_inner();
+            if !ack.accepted {
+                info!("not masking in round {round} attempt {mask_epoch}: {}", ack.message);
+                return Ok(());
+            }
+            Some(key)
+        } else {
+            None
+        };
         let t = Instant::now();
         let global = self.pull(&hash).await?;
         let pull_s = t.elapsed().as_secs_f64();
         info!(model = %hash.short(), pull_s = format!("{pull_s:.2}"), "training round {round} from the global model");
-        let outcome = {
+        let outcome = if self.overhead_probe {
+            train::RoundOutcome { delta: global.zeros_like(), sample_count: data.indices(Split::Train).len().max(1) as u64, mean_loss: 0.0, train_s: 0.0 }
+        } else {
             let data = data.clone();
             let global = global.clone();
             let net = net.clone();
             let experiment = experiment.clone();
+            let mu = protocol.proximal_mu;
             tokio::task::spawn_blocking(move || {
                 let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
-                let job = train::LocalRound { plan: &plan, experiment: &experiment, round, total_rounds, site_seed };
+                let job = train::LocalRound { plan: &plan, experiment: &experiment, round, total_rounds, site_seed, proximal_mu: mu };
                 train::train_round(slot.get(&global)?, &data, &global, &job)
             })
             .await??
         };
-        // Keep what we send, for audit (and for the end-to-end test to recompute FedAvg).
+        drop(global);
+        let t = Instant::now();
+        // Keep what we computed, for audit (and for the end-to-end tests to recompute the aggregate).
         let meta = HashMap::from([
             ("round".to_string(), round.to_string()),
             ("base_model_hash".to_string(), hash.0.clone()),
@@ -263,22 +337,107 @@ impl Session {
             ("kind".to_string(), "delta".to_string()),
             ("experiment".to_string(), experiment.id.clone()),
         ]);
-        let delta = Arc::new(outcome.delta);
+        let sample_count = outcome.sample_count;
+        let mut delta = outcome.delta;
         {
-            let delta = delta.clone();
             let path = updates_dir.join(&experiment.id).join(local_update_file(round));
-            tokio::task::spawn_blocking(move || delta.save(&path, &meta)).await??;
+            let ef_path = self.cfg.site.work_dir.join("error_feedback").join(format!("{}.safetensors", experiment.id));
+            let ctx = MaskContext { run_id: self.run_id.clone(), experiment: experiment.id.clone(), round, attempt: mask_epoch };
+            let protocol = protocol.clone();
+            let prepared = tokio::task::spawn_blocking(move || -> Result<(ModelState, Option<Encoded>, Option<(ErrorFeedback, std::path::PathBuf)>)> {
+                delta.save(&path, &meta)?;
+                if protocol.dp == DpMode::Site {
+                    let c = dp::privatise(delta.data_mut(), protocol.clip_norm, protocol.noise_multiplier, &mut rand::rng());
+                    info!(norm = format!("{:.4}", c.norm), clip_scale = format!("{:.4}", c.scale), noise_std = protocol.clip_norm * protocol.noise_multiplier, "update clipped and noised (site-level DP)");
+                }
+                if protocol.codec.is_lossy() {
+                    let mut ef = match ModelState::load(&ef_path) {
+                        Ok((r, _)) if r.same_schema(&delta) => ErrorFeedback { residual: r },
+                        _ => ErrorFeedback::new(&delta),
+                    };
+                    let enc = ef.compress(&delta, protocol.codec)?;
+                    return Ok((delta, Some(enc), Some((ef, ef_path))));
+                }
+                Ok((delta, None, None))
+            })
+            .await??;
+            delta = prepared.0;
+            let mut encoded = prepared.1;
+            let feedback = prepared.2;
+            if let Some(key) = masking {
+                let peers = self.peer_keys(round, mask_epoch).await?;
+                let Some(peers) = peers else { return Ok(()) };
+                let (me, ctx, bits) = (site.clone(), ctx, protocol.ring_fraction_bits);
+                encoded = Some(
+                    tokio::task::spawn_blocking(move || -> Result<Encoded> {
+                        let (mut words, saturated) = ring_encode(delta.data(), sample_count as f64, bits);
+                        if saturated > 0 {
+                            warn!(saturated, "values × sample count exceed the fixed-point range and were saturated; lower privacy.ring_fraction_bits");
+                        }
+                        key.mask(&mut words, &me, &peers, &ctx)?;
+                        Ok(Encoded::ring(delta.specs().to_vec(), words))
+                    })
+                    .await??,
+                );
+                delta = ModelState::new(vec![], vec![])?;
+            }
+            let prepare_s = t.elapsed().as_secs_f64();
+            let meta = PayloadMeta { ring_fraction_bits: protocol.ring_fraction_bits, mask_epoch, ..PayloadMeta::delta(Round(round), hash, sample_count) };
+            let sent = self.push(round, Arc::new(delta), encoded, meta).await?;
+            if let Some((ef, path)) = feedback {
+                // The residual is kept only once the update it belongs to was accepted.
+                tokio::task::spawn_blocking(move || ef.residual.save(&path, &HashMap::new())).await??;
+            }
+            let timing = RoundTiming { experiment: experiment.id.clone(), round, pull_s, train_s: outcome.train_s, prepare_s, push_s: sent.1, bytes_sent: sent.0, bytes_received: self.last_pull_bytes, codec: protocol.codec.to_string(), mean_loss: outcome.mean_loss };
+            append_jsonl(&self.cfg.site.work_dir.join("timings.jsonl"), &timing)?;
         }
+        Ok(())
+    }
+
+    /// Waits for the round's mask set; None if the attempt ended without this site.
+    async fn peer_keys(&mut self, round: u32, mask_epoch: u32) -> Result<Option<Vec<(SiteId, [u8; 32])>>> {
+        loop {
+            match self.client.peer_keys(pb::PeerKeysRequest { round, mask_epoch }).await {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    if r.ready {
+                        let set = r
+                            .keys
+                            .into_iter()
+                            .map(|k| -> Result<(SiteId, [u8; 32])> {
+                                let key: [u8; 32] = k.public_key.as_slice().try_into().map_err(|_| anyhow!("peer key of {} is not 32 bytes", k.site_id))?;
+                                Ok((SiteId::new(k.site_id)?, key))
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        info!(sites = set.len(), "mask set received");
+                        return Ok(Some(set));
+                    }
+                    info!("waiting for the mask set ({})", r.reason);
+                }
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    info!("masking attempt {mask_epoch} of round {round} is over ({}); asking for the next task", s.message());
+                    return Ok(None);
+                }
+                Err(s) => return Err(anyhow!(s).context("asking for the mask set")),
+            }
+        }
+    }
+
+    /// Sends an update (re-sending a broken transfer); returns bytes sent and seconds taken.
+    async fn push(&mut self, round: u32, delta: Arc<ModelState>, encoded: Option<Encoded>, meta: PayloadMeta) -> Result<(u64, f64)> {
         let t = Instant::now();
-        let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(round), base_model_hash: hash, sample_count: outcome.sample_count };
-        let bytes_sent = delta.byte_len() as u64;
-        // A broken transfer is re-sent (the same delta, no retraining); a refusal is final.
         let mut attempt = 0;
+        let mut bytes_sent;
         let ack = loop {
             attempt += 1;
+            let encoder = match &encoded {
+                Some(e) => ChunkEncoder::encoded(e.clone(), meta.clone(), 0),
+                None => ChunkEncoder::new(delta.clone(), meta.clone(), 0),
+            };
+            bytes_sent = encoder.payload_bytes();
             let bar = aln_common::progress::transfer(bytes_sent, "upload");
             let shown = bar.clone();
-            let encoder = ChunkEncoder::new(delta.clone(), meta.clone(), 0).inspect(move |c| {
+            let encoder = encoder.inspect(move |c| {
                 if let Some(pb::model_chunk::Part::Tensor(t)) = &c.part {
                     shown.inc(t.data.len() as u64);
                 }
@@ -296,17 +455,8 @@ impl Session {
             }
         };
         let push_s = t.elapsed().as_secs_f64();
-        info!(
-            train_s = format!("{:.2}", outcome.train_s),
-            push_s = format!("{push_s:.2}"),
-            bytes = bytes_sent,
-            loss = format!("{:.4}", outcome.mean_loss),
-            "{}",
-            ack.message
-        );
-        let timing = RoundTiming { experiment: experiment.id.clone(), round, pull_s, train_s: outcome.train_s, push_s, bytes_sent, mean_loss: outcome.mean_loss };
-        append_jsonl(&self.cfg.site.work_dir.join("timings.jsonl"), &timing)?;
-        Ok(())
+        info!(push_s = format!("{push_s:.2}"), bytes = bytes_sent, codec = %meta.codec, "{}", ack.message);
+        Ok((bytes_sent, push_s))
     }
 
     async fn extract(&mut self, data: &Arc<SiteData>, net: &SharedNet, site: &SiteId, hash: ModelHash, experiment: &Experiment) -> Result<()> {

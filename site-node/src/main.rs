@@ -132,6 +132,10 @@ enum Command {
         /// How long to keep retrying the first connection, seconds.
         #[arg(long, default_value_t = 120)]
         connect_patience: u64,
+        /// Benchmark only: skip local training and return the weights unchanged (a zero
+        /// delta), so a round measures the federation's own overhead (`make bench`).
+        #[arg(long, hide = true)]
+        overhead_probe: bool,
     },
 }
 
@@ -207,7 +211,7 @@ async fn main() -> Result<()> {
             info!("wrote {}", out.display());
             Ok(())
         }
-        Command::Run { config, coordinator, manifest, work_dir, device, threads, connect_patience } => {
+        Command::Run { config, coordinator, manifest, work_dir, device, threads, connect_patience, overhead_probe } => {
             let mut cfg = SiteConfig::load(&config)?;
             if let Some(c) = coordinator {
                 cfg.site.coordinator = c;
@@ -228,7 +232,7 @@ async fn main() -> Result<()> {
             if let Some(t) = threads {
                 cfg.site.threads = t;
             }
-            run(cfg, Duration::from_secs(connect_patience)).await
+            run(cfg, Duration::from_secs(connect_patience), overhead_probe).await
         }
     }
 }
@@ -300,14 +304,15 @@ fn check_data(manifest: PathBuf, image_size: u32) -> Result<()> {
     Ok(())
 }
 
-async fn run(cfg: SiteConfig, patience: Duration) -> Result<()> {
+async fn run(cfg: SiteConfig, patience: Duration, overhead_probe: bool) -> Result<()> {
     if cfg.site.threads > 0 {
         tch::set_num_threads(cfg.site.threads as i32);
     }
     let device = pick_device(cfg.site.device)?;
     let rows = load_rows(&cfg.site.manifest)?;
     info!(patients = rows.len(), ?device, manifest = %cfg.site.manifest.display(), "local data found; images stay on this machine");
-    let session = client::Session::connect(cfg, patience).await?;
+    let mut session = client::Session::connect(cfg, patience).await?;
+    session.overhead_probe = overhead_probe;
     // The crop size comes from the coordinator's plan, so the data is loaded after joining.
     tokio::select! {
         done = session.run(device, rows) => done.map(|summary| {

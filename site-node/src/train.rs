@@ -42,11 +42,13 @@ pub struct LocalRound<'a> {
     pub total_rounds: u32,
     /// Mixed into the sampling seed so sites draw different batches.
     pub site_seed: u64,
+    /// FedProx: weight μ of the proximal term μ/2 ‖w − w_global‖² (0 = plain local training).
+    pub proximal_mu: f64,
 }
 
 /// Trains `plan.local_steps` Adam steps from `global` and returns the delta.
 pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, job: &LocalRound<'_>) -> Result<RoundOutcome> {
-    let LocalRound { plan, experiment, round, total_rounds, site_seed } = *job;
+    let LocalRound { plan, experiment, round, total_rounds, site_seed, proximal_mu } = *job;
     let started = Instant::now();
     net.import(global)?;
     let train_idx = data.indices(Split::Train);
@@ -58,6 +60,12 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
     let total_steps = u64::from(plan.local_steps) * u64::from(total_rounds);
     let mut opt = nn::Adam::default().build(&net.vs, plan.learning_rate)?;
     let device = net.vs.device();
+    // FedProx anchors: the global weights, frozen, on the training device.
+    let anchors: Vec<(Tensor, Tensor)> = if proximal_mu > 0.0 {
+        net.vs.trainable_variables().into_iter().map(|v| { let a = v.detach().copy(); (v, a) }).collect()
+    } else {
+        vec![]
+    };
     let mut loss_sum = 0.0;
     let bar = aln_common::progress::steps(u64::from(plan.local_steps), round);
     for step in 0..plan.local_steps {
@@ -69,7 +77,11 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
         let labels: Vec<i64> = idx.iter().map(|&i| class_of(data.rows[i].n_stage, classes)).collect();
         let y = Tensor::from_slice(&labels).to_device(device);
         let (logits, _) = net.forward_t(&us, &swe, &clinical, true);
-        let loss = logits.cross_entropy_for_logits(&y);
+        let mut loss = logits.cross_entropy_for_logits(&y);
+        if !anchors.is_empty() {
+            let prox = anchors.iter().map(|(v, a)| (v - a).square().sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |acc, t| acc + t);
+            loss = loss + prox * (proximal_mu / 2.0);
+        }
         opt.backward_step(&loss);
         let l = loss.double_value(&[]);
         ensure!(l.is_finite(), "training diverged at round {round}, step {step} (loss {l})");

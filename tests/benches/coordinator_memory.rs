@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use aln_common::ids::Round;
 use aln_common::model_state::ModelState;
-use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta};
+use aln_common::wire::{ChunkEncoder, PayloadMeta};
 use aln_e2e::*;
 
 const VALUES: usize = 24_631_222;
@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
             let mut client = connect(&coord.addr, &ClientIdentity::site(&pki, name)).await?;
             let (delta, base) = (delta.clone(), base.clone());
             tasks.push(tokio::spawn(async move {
-                let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(1), base_model_hash: base, sample_count: 10 };
+                let meta = PayloadMeta::delta(Round(1), base, 10);
                 client.push_update(tokio_stream::iter(ChunkEncoder::new(delta, meta, 0))).await.map(|_| ())
             }));
         }

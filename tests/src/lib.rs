@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use aln_common::ids::{ModelHash, Round};
 use aln_common::model_state::ModelState;
-use aln_common::wire::{ChunkEncoder, PayloadKind, PayloadMeta};
+use aln_common::wire::{ChunkEncoder, PayloadMeta};
 use aln_proto::federation_client::FederationClient;
 use anyhow::{Context, Result, bail};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -189,7 +189,7 @@ pub fn start_site(root: &Path, pki: &Path, url: &str, site: &str, log: &str) -> 
 
 /// The chunk stream of a site's update (`delta` trained from `base`) for `round`.
 pub fn update_chunks(delta: ModelState, base: &ModelHash, round: u32, samples: u64) -> Vec<aln_proto::ModelChunk> {
-    let meta = PayloadMeta { kind: PayloadKind::Delta, round: Round(round), base_model_hash: base.clone(), sample_count: samples };
+    let meta = PayloadMeta::delta(Round(round), base.clone(), samples);
     ChunkEncoder::new(std::sync::Arc::new(delta), meta, 0).collect()
 }
 

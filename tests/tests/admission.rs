@@ -7,7 +7,7 @@ use tonic::Code;
 
 async fn join(client: &mut aln_proto::federation_client::FederationClient<tonic::transport::Channel>) -> Result<pb::JoinReply, tonic::Status> {
     client
-        .join(pb::JoinRequest { proto_version: aln_proto::PROTO_VERSION.into(), software_version: "test".into(), train_patients: 1, total_patients: 1 })
+        .join(pb::JoinRequest { proto_version: aln_proto::PROTO_VERSION.into(), software_version: "test".into(), train_patients: 1, total_patients: 1, codecs: vec![] })
         .await
         .map(|r| r.into_inner())
 }
