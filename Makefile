@@ -25,11 +25,17 @@ test: build
 demo: build
 	$(RUN_ENV) BIN=$(BIN) bash deploy/demo.sh
 
+# Benchmarks print tables and write out/bench/*.json plus out/bench/README.md (markdown);
+# no test asserts a time. BENCH_STRATEGIES=false skips the 5 federated runs (≈5 min).
+BENCH_STRATEGIES ?= true
 bench: build
 	cargo bench -p aln-common --bench plumbing
 	$(RUN_ENV) cargo build --workspace --release --bins
 	cargo bench -p aln-e2e --bench coordinator_memory
 	$(RUN_ENV) BIN=$(CARGO_TARGET_DIR)/release PY=$(VENV)/bin/python bash deploy/bench_step.sh
+	$(RUN_ENV) BIN=$(CARGO_TARGET_DIR)/release PY=$(VENV)/bin/python BENCH_ROUNDS=12 bash deploy/bench_round_overhead.sh
+	if [ "$(BENCH_STRATEGIES)" = true ]; then $(RUN_ENV) BIN=$(CARGO_TARGET_DIR)/release PY=$(VENV)/bin/python bash deploy/bench_strategies.sh; fi
+	$(VENV)/bin/python deploy/bench_report.py
 
 fuzz:
 	bash deploy/fuzz.sh

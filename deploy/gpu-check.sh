@@ -18,6 +18,8 @@ export LD_LIBRARY_PATH="$(ls -d "$CACHE"/venv/lib/python3*/site-packages/torch/l
 echo "== step time, 224 px, batch 32"
 "$BIN/site-node" bench-step --device cuda --image-size 224 --batch 32 --steps 10 | tee "$OUT/tch.json"
 PYTHONWARNINGS=ignore "$PY" deploy/bench_torch_step.py --image-size 224 --batch 32 --steps 10 | tee "$OUT/torch.json"
+echo "== the same with CUDA autocast (fp16) in site-node"
+"$BIN/site-node" bench-step --device cuda --autocast --image-size 224 --batch 32 --steps 10 | tee "$OUT/tch_autocast.json"
 
 echo "== one federated round, 2 CUDA sites, 224 px, batch 32"
 "$BIN/site-node" synth --sites 2 --patients 200 --image-px 256 --out "$OUT/cohort" 2>/dev/null

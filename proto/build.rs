@@ -3,7 +3,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY-free: build scripts run single-threaded; prost-build reads PROTOC.
     unsafe_set_protoc(&protoc);
-    tonic_prost_build::configure().compile_protos(&["federation.proto"], &["."])?;
+    // Tensor bytes as `Bytes`: chunks are sent as views of the model (no copy) and decoded as
+    // views of the received buffer.
+    tonic_prost_build::configure().bytes(".aln.federation.v1.TensorChunk.data").compile_protos(&["federation.proto"], &["."])?;
     println!("cargo:rerun-if-changed=federation.proto");
     Ok(())
 }

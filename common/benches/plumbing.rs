@@ -45,7 +45,7 @@ fn main() {
     rows.push(("memcpy", memcpy));
 
     let fresh = || ModelUpdate::in_memory(SiteId::new("s").unwrap(), Round(1), ModelHash("x".into()), 10, model.clone());
-    let plain = || aggregate::build(&AggregationConfig::default(), &PrivacyConfig::default(), &model, None);
+    let plain = || aggregate::build(&AggregationConfig::default(), &PrivacyConfig::default(), &model, None, None);
     let mut agg = plain();
     let accumulate = (0..5)
         .map(|_| {
@@ -68,7 +68,7 @@ fn main() {
             }
         }
         let r = out.unwrap();
-        ModelUpdate { site: SiteId::new("s").unwrap(), meta: r.meta, values: r.body.0, summary: r.body.1 }
+        ModelUpdate { site: SiteId::new("s").unwrap(), meta: r.meta, values: r.body.0, summary: r.body.1, streamed: None }
     };
     let accumulate_spool = (0..3)
         .map(|_| {
@@ -78,7 +78,7 @@ fn main() {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min);
-    rows.push(("FedAvg accumulate (one update, from spool)", accumulate_spool));
+    rows.push(("FedAvg accumulate (re-read from spool)", accumulate_spool));
     let finish = (0..3)
         .map(|_| {
             let mut a = plain();
@@ -91,7 +91,7 @@ fn main() {
     rows.push(("FedAvg finish (apply to global)", finish));
     let median = {
         let cfg = AggregationConfig { strategy: Strategy::Median, ..Default::default() };
-        let mut a = aggregate::build(&cfg, &PrivacyConfig::default(), &model, None);
+        let mut a = aggregate::build(&cfg, &PrivacyConfig::default(), &model, None, None);
         for _ in 0..3 {
             a.accumulate(spooled()).unwrap();
         }

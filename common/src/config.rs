@@ -254,6 +254,10 @@ pub struct SiteSection {
     /// kept locally in `work_dir/gradcam/`.
     #[serde(default)]
     pub share_gradcam: bool,
+    /// CUDA mixed precision for local training (libtorch autocast; fp16, the only autocast
+    /// type tch 0.26 can select, and without loss scaling). No effect on CPU.
+    #[serde(default)]
+    pub mixed_precision: bool,
 }
 
 fn default_server_name() -> String {
@@ -370,6 +374,7 @@ work_dir = "work"                       # local copies of updates, timings
 device = "auto"                         # auto | cpu | cuda
 threads = 0                             # torch threads (0 = default)
 share_gradcam = false                   # send Grad-CAM overlays of a few test patients for the report
+mixed_precision = false                 # CUDA autocast (fp16) for local training; no effect on CPU
 
 [tls]
 ca = "ca.pem"

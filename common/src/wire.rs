@@ -3,7 +3,7 @@
 //! A stream is `header, tensor chunk*, trailer`. The header carries the tensor table, the
 //! payload's purpose and its codec ([`PayloadMeta`], `codec`); chunks carry slices of each
 //! tensor's encoded bytes, in canonical tensor order with ascending offsets; the trailer
-//! carries the SHA-256 of all payload bytes as sent. [`ChunkEncoder`] produces such a stream
+//! carries the BLAKE3 digest of all payload bytes as sent. [`ChunkEncoder`] produces such a stream
 //! lazily (no copy of an f32 model). [`StreamDecoder`] checks every message as it arrives,
 //! refuses oversize payloads at the header, decodes each chunk and hands the values to a
 //! [`PayloadSink`]: [`VecSink`] builds a [`ModelState`] (a site's download), the
@@ -13,7 +13,6 @@
 use std::sync::Arc;
 
 use aln_proto as pb;
-use sha2::{Digest, Sha256};
 
 use crate::codec::{self, Codec, Encoded};
 use crate::constants::{DEFAULT_MAX_CHUNK_BYTES, MAX_MODEL_BYTES, MIN_CHUNK_BYTES};
@@ -92,7 +91,34 @@ enum Source {
     Encoded { specs: Vec<TensorSpec>, bytes: Arc<Vec<u8>>, scales: Vec<f32>, starts: Vec<usize> },
 }
 
+/// Keeps the encoded buffer alive for the chunks that view it.
+enum Shared {
+    Model(Arc<ModelState>),
+    Bytes(Arc<Vec<u8>>),
+}
+
+struct ChunkView {
+    source: Shared,
+    range: std::ops::Range<usize>,
+}
+
+impl AsRef<[u8]> for ChunkView {
+    fn as_ref(&self) -> &[u8] {
+        match &self.source {
+            Shared::Model(m) => &m.as_bytes()[self.range.clone()],
+            Shared::Bytes(b) => &b[self.range.clone()],
+        }
+    }
+}
+
 impl Source {
+    fn share(&self) -> Shared {
+        match self {
+            Source::Model(m) => Shared::Model(m.clone()),
+            Source::Encoded { bytes, .. } => Shared::Bytes(bytes.clone()),
+        }
+    }
+
     fn specs(&self) -> &[TensorSpec] {
         match self {
             Source::Model(m) => m.specs(),
@@ -122,7 +148,7 @@ pub struct ChunkEncoder {
     max_chunk_elems: usize,
     stage: EncodeStage,
     /// Hashes as it goes, unless the digest is already known.
-    hasher: Option<Sha256>,
+    hasher: Option<blake3::Hasher>,
     known_digest: Option<Vec<u8>>,
 }
 
@@ -152,7 +178,7 @@ impl ChunkEncoder {
             max_chunk_elems: (effective_chunk_bytes(max_chunk_bytes) / width).max(1),
             meta,
             stage: EncodeStage::Header,
-            hasher: Some(Sha256::new()),
+            hasher: Some(blake3::Hasher::new()),
             known_digest: None,
         }
     }
@@ -231,11 +257,12 @@ impl Iterator for ChunkEncoder {
                 let numel = self.source.specs()[tensor].numel();
                 let len = (numel - offset).min(self.max_chunk_elems);
                 let start = self.source.start(tensor) + offset;
-                let bytes = &self.source.bytes()[start * self.width..(start + len) * self.width];
+                let range = start * self.width..(start + len) * self.width;
                 if let Some(h) = self.hasher.as_mut() {
-                    h.update(bytes);
+                    h.update(&self.source.bytes()[range.clone()]);
                 }
-                let data = bytes.to_vec();
+                // A view of the model's own buffer: no copy until the transport's.
+                let data = prost::bytes::Bytes::from_owner(ChunkView { source: self.source.share(), range });
                 self.stage = if offset + len < numel {
                     EncodeStage::Body {
                         tensor,
@@ -254,10 +281,10 @@ impl Iterator for ChunkEncoder {
                 self.stage = EncodeStage::Done;
                 let digest = match (self.known_digest.take(), self.hasher.take()) {
                     (Some(d), _) => d,
-                    (None, Some(h)) => h.finalize().to_vec(),
+                    (None, Some(h)) => h.finalize().as_bytes().to_vec(),
                     (None, None) => Vec::new(),
                 };
-                Part::Trailer(pb::ModelTrailer { sha256: digest })
+                Part::Trailer(pb::ModelTrailer { digest })
             }
             EncodeStage::Done => return None,
         };
@@ -353,7 +380,7 @@ pub struct StreamDecoder<S: PayloadSink> {
     tensor: usize,
     /// Values of the current tensor received so far.
     filled: usize,
-    hasher: Sha256,
+    hasher: blake3::Hasher,
     sink: Option<S>,
     scratch: Vec<f32>,
     ring: Vec<u32>,
@@ -380,7 +407,7 @@ impl<S: PayloadSink> StreamDecoder<S> {
             scales: Vec::new(),
             tensor: 0,
             filled: 0,
-            hasher: Sha256::new(),
+            hasher: blake3::Hasher::new(),
             sink: Some(sink),
             scratch: Vec::new(),
             ring: Vec::new(),
@@ -559,10 +586,15 @@ impl<S: PayloadSink> StreamDecoder<S> {
             bytemuck::cast_slice_mut::<u32, u8>(&mut self.ring).copy_from_slice(&t.data);
             sink.values(idx, self.filled, Values::Ring(&self.ring))?;
         } else {
-            let k = codec.scale_count(&self.specs[idx]);
-            let s0 = self.scale_starts[idx];
-            codec::decode_into(codec, &self.specs[idx], &self.scales[s0..s0 + k], self.filled, &t.data, &mut self.scratch);
-            sink.values(idx, self.filled, Values::F32(&self.scratch))?;
+            if let (Codec::F32, Ok(values)) = (codec, bytemuck::try_cast_slice::<u8, f32>(&t.data)) {
+                // Aligned little-endian f32 bytes: read in place.
+                sink.values(idx, self.filled, Values::F32(values))?;
+            } else {
+                let k = codec.scale_count(&self.specs[idx]);
+                let s0 = self.scale_starts[idx];
+                codec::decode_into(codec, &self.specs[idx], &self.scales[s0..s0 + k], self.filled, &t.data, &mut self.scratch);
+                sink.values(idx, self.filled, Values::F32(&self.scratch))?;
+            }
         }
         self.filled += n;
         self.skip_empty_tensors();
@@ -576,8 +608,8 @@ impl<S: PayloadSink> StreamDecoder<S> {
                 self.tensor, self.specs[self.tensor].name
             )));
         }
-        let actual = hex::encode(std::mem::take(&mut self.hasher).finalize());
-        let expected = hex::encode(&t.sha256);
+        let actual = self.hasher.finalize().to_hex().to_string();
+        let expected = hex::encode(&t.digest);
         if actual != expected {
             return Err(Error::DigestMismatch { expected, actual });
         }
@@ -675,7 +707,9 @@ mod tests {
             let i = data_idx[pick.index(data_idx.len())];
             if let Some(pb::model_chunk::Part::Tensor(t)) = &mut chunks[i].part {
                 let j = pick.index(t.data.len());
-                t.data[j] ^= 1 << bit;
+                let mut data = t.data.to_vec();
+                data[j] ^= 1 << bit;
+                t.data = data.into();
             }
             let err = reassemble(chunks, ReceiveLimits::default()).unwrap_err();
             prop_assert!(matches!(err, Error::DigestMismatch { .. }), "{err}");

@@ -302,6 +302,9 @@ async fn run(config: PathBuf, listen: Option<String>, addr_file: Option<PathBuf>
         }
     };
     coordinator::server::run(listener, tls, ctl.clone(), shutdown).await?;
+    // A round's checkpoint may still be being written; let it land before exiting.
+    let flushing = ctl.clone();
+    tokio::task::spawn_blocking(move || flushing.flush_checkpoints()).await?;
     ticker.abort();
     bar.finish_and_clear();
     if let Some(m) = metrics {

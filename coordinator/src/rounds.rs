@@ -121,6 +121,8 @@ struct Inner {
     mask: MaskRound,
     /// Model bytes sent to sites in the open round.
     downlink_bytes: u64,
+    /// The last round's checkpoint, being written in the background.
+    pending_checkpoint: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Owns the run: current model, open round, collected features.
@@ -195,7 +197,7 @@ impl RoundController {
         drop(initial);
         let (finished_tx, _) = watch::channel(false);
         let audit = AuditLog::open(store.dir()).map_err(|e| CoordinatorError::Internal(format!("{}: audit log: {e}", store.dir().display())))?;
-        audit.record("coordinator_start", "coordinator", serde_json::json!({"run_id": run.run_id, "experiment": run.experiment, "completed_rounds": run.completed_rounds, "model_sha256": run.global_model_hash.0}));
+        audit.record("coordinator_start", "coordinator", serde_json::json!({"run_id": run.run_id, "experiment": run.experiment, "completed_rounds": run.completed_rounds, "model_hash": run.global_model_hash.0}));
         let this = Arc::new(Self {
             schema,
             store,
@@ -219,6 +221,7 @@ impl RoundController {
                 server_state: None,
                 mask: MaskRound::default(),
                 downlink_bytes: 0,
+                pending_checkpoint: None,
             }),
             finished: finished_tx,
             stop: watch::channel(false).0,
@@ -313,18 +316,23 @@ impl RoundController {
         if self.cfg.privacy.secure_aggregation { Codec::Ring32 } else { self.cfg.federation.update_codec }
     }
 
-    fn new_aggregator(&self, g: &Inner) -> Box<dyn Aggregator> {
-        aggregate::build(&self.cfg.aggregation, &self.cfg.privacy, &g.global, g.server_state.clone())
+    fn new_aggregator(&self, g: &Inner, recycled: Option<Vec<f32>>) -> Box<dyn Aggregator> {
+        aggregate::build(&self.cfg.aggregation, &self.cfg.privacy, &g.global, g.server_state.clone(), recycled)
     }
 
     fn enter_round_or_features(&self, g: &mut Inner, round: Round) {
+        self.enter_round_reusing(g, round, None);
+    }
+
+    /// Opens `round` (or the feature collection), with `recycled` as the accumulator's buffer.
+    fn enter_round_reusing(&self, g: &mut Inner, round: Round, recycled: Option<Vec<f32>>) {
         g.contributions.clear();
         g.rejected.clear();
         g.quorum_warned = false;
         g.downlink_bytes = 0;
         self.notify();
         if round.0 <= self.cfg.federation.rounds {
-            g.aggregator = Some(self.new_aggregator(g));
+            g.aggregator = Some(self.new_aggregator(g, recycled));
             g.mask = MaskRound { epoch: 0, expected: self.experiment(g).participants(&self.cfg.federation.sites).cloned().collect(), ..Default::default() };
             g.phase = Phase::Training { round, opened: Instant::now() };
             info!(experiment = %self.experiment(g).id, %round, model = %g.run.global_model_hash.short(), "round open");
@@ -376,7 +384,10 @@ impl RoundController {
             }
             Phase::Aggregating { .. } => wait("aggregating"),
             Phase::CollectingFeatures { .. } => {
-                if g.features.contains_key(site) || g.run.experiment >= self.experiments.len() {
+                if g.pending_checkpoint.as_ref().is_some_and(|h| !h.is_finished()) {
+                    // Features come from the final model: let its checkpoint land first.
+                    wait("writing the last round's checkpoint")
+                } else if g.features.contains_key(site) || g.run.experiment >= self.experiments.len() {
                     wait("waiting for the other sites' features")
                 } else {
                     TaskDecision::Extract { model_hash: g.run.global_model_hash.clone(), experiment: self.experiment(&g).clone() }
@@ -397,7 +408,7 @@ impl RoundController {
     /// The current global model, if `hash` names it (empty = current).
     pub fn model_for_pull(&self, site: &SiteId, hash: &str) -> CoordResult<(Arc<ModelState>, PayloadMeta)> {
         let mut g = self.lock();
-        self.audit.record("model_pull", site.as_str(), serde_json::json!({"requested": hash, "current_sha256": g.run.global_model_hash.0}));
+        self.audit.record("model_pull", site.as_str(), serde_json::json!({"requested": hash, "current_hash": g.run.global_model_hash.0}));
         if !hash.is_empty() && hash != g.run.global_model_hash.0 {
             return Err(CoordinatorError::ModelNotFound(hash.to_string()));
         }
@@ -406,13 +417,8 @@ impl RoundController {
         Ok((g.global.clone(), meta))
     }
 
-    /// What an update from `site` must look like now; refuses at once when no update from it
-    /// can be accepted (no round open, held out, already sent, not in the mask set).
-    pub fn expectation_for(&self, site: &SiteId) -> CoordResult<Expectation> {
-        let g = self.lock();
-        self.expectation_locked(&g, site)
-    }
-
+    /// Refuses at once when no update from `site` can be accepted (no round open, held out,
+    /// already sent, not in the mask set).
     fn expectation_locked(&self, g: &Inner, site: &SiteId) -> CoordResult<Expectation> {
         let round = match g.phase {
             Phase::Training { round, .. } => round,
@@ -438,6 +444,15 @@ impl RoundController {
         })
     }
 
+    /// What an upload from `site` must look like now, and where its chunks may be summed as
+    /// they arrive (linear strategies of the open round) with their weighting; one lock, so
+    /// both belong to the same round.
+    pub fn upload_plan(&self, site: &SiteId) -> CoordResult<(Expectation, Option<(Arc<aggregate::mean::StreamTarget>, aggregate::mean::StreamWeight)>)> {
+        let g = self.lock();
+        let exp = self.expectation_locked(&g, site)?;
+        Ok((exp, g.aggregator.as_ref().and_then(|a| a.stream_target())))
+    }
+
     /// Checks a received update and folds it into the open round.
     pub fn submit_update(self: &Arc<Self>, update: ModelUpdate, bytes: u64, receive_s: f64) -> CoordResult<Round> {
         let span = info_span!("update", site = %update.site, round = %update.meta.round);
@@ -456,7 +471,7 @@ impl RoundController {
                     self.audit.record(
                         "update_accepted",
                         site.as_str(),
-                        serde_json::json!({"experiment": self.experiment(&g).id, "round": round.0, "samples": samples, "bytes": bytes, "base_model_sha256": base.0, "mask_epoch": exp.mask_epoch}),
+                        serde_json::json!({"experiment": self.experiment(&g).id, "round": round.0, "samples": samples, "bytes": bytes, "base_model_hash": base.0, "mask_epoch": exp.mask_epoch}),
                     );
                     g.contributions.push(Contribution { site: site.clone(), sample_count: samples, bytes, receive_s, accumulate_s });
                     info!(samples, bytes, receive_s, accumulate_s, "update accepted ({}/{})", g.contributions.len(), self.participants(&g));
@@ -490,11 +505,24 @@ impl RoundController {
             return Err(CoordinatorError::WrongPhase(format!("{site} is not expected in the mask set of round {round}")));
         }
         if let Some(frozen) = &g.mask.frozen {
-            return if frozen.iter().any(|(s, k)| s == site && *k == key) {
-                Ok(())
-            } else {
-                Err(CoordinatorError::WrongPhase(format!("the mask set of round {round} attempt {epoch} is already fixed")))
-            };
+            if frozen.iter().any(|(s, k)| s == site && *k == key) {
+                return Ok(());
+            }
+            if frozen.iter().any(|(s, _)| s == site) {
+                // A member lost its key (a restarted site-node): the masks made with the old
+                // key can never be removed, so this attempt is void; start the next one now
+                // with every member rather than waiting for the round timeout.
+                let everyone: BTreeSet<SiteId> = frozen.iter().map(|(s, _)| s.clone()).collect();
+                warn!(%site, %round, "a member of the mask set re-keyed; restarting the round's masking");
+                self.audit.record("mask_restart", site.as_str(), serde_json::json!({"round": round.0, "epoch": epoch + 1, "reason": "member re-keyed"}));
+                g.mask = MaskRound { epoch: epoch + 1, expected: everyone, ..Default::default() };
+                g.contributions.clear();
+                g.aggregator = Some(self.new_aggregator(&g, None));
+                g.phase = Phase::Training { round, opened: Instant::now() };
+                self.notify();
+                return Err(CoordinatorError::WrongPhase(format!("masking of round {round} restarted (attempt {}); ask for the next task", epoch + 1)));
+            }
+            return Err(CoordinatorError::WrongPhase(format!("the mask set of round {round} attempt {epoch} is already fixed")));
         }
         g.mask.keys.insert(site.clone(), key);
         self.audit.record("mask_key", site.as_str(), serde_json::json!({"round": round.0, "mask_epoch": epoch, "public_key": hex::encode(key)}));
@@ -568,6 +596,11 @@ impl RoundController {
     /// Closes a round or the feature collection when its condition holds; call after every
     /// accepted submission and periodically (timeouts).
     pub fn advance(self: &Arc<Self>) {
+        // Features are collected after the last round: its checkpoint must be on disk before
+        // round_state.json moves on to the next experiment (joined without holding the lock).
+        if matches!(self.lock().phase, Phase::CollectingFeatures { .. }) {
+            self.flush_checkpoints();
+        }
         let fed = &self.cfg.federation;
         let timeout = Duration::from_secs(fed.round_timeout_secs);
         let mut g = self.lock();
@@ -606,6 +639,10 @@ impl RoundController {
                 }
             }
             Phase::CollectingFeatures { opened } => {
+                if g.pending_checkpoint.is_some() {
+                    // A checkpoint is still being written (joined at the top of the next call).
+                    return;
+                }
                 let all_done = g.run.experiment >= self.experiments.len();
                 let n = g.features.len();
                 let collected = n == fed.sites.len() || (opened.elapsed() >= timeout && n >= fed.min_sites);
@@ -668,7 +705,7 @@ impl RoundController {
         g.mask = MaskRound { epoch: g.mask.epoch + 1, expected: next_expected, ..Default::default() };
         g.rejected.push(format!("masking attempt {} dropped: no update from {}", g.mask.epoch - 1, missing.join(", ")));
         g.contributions.clear();
-        g.aggregator = Some(self.new_aggregator(g));
+        g.aggregator = Some(self.new_aggregator(g, None));
         g.phase = Phase::Training { round, opened: Instant::now() };
         self.notify();
         true
@@ -713,19 +750,9 @@ impl RoundController {
         let next = agg.model;
         let t = Instant::now();
         let hash = next.weights_hash();
-        let (run_id, experiment) = {
-            let g = self.lock();
-            (g.run.run_id.clone(), self.experiment(&g).id.clone())
-        };
-        if let Err(e) = self.store.save_model(&experiment, round, &next, &run_id) {
-            return self.fail(format!("checkpoint of round {round} failed: {e}"));
-        }
-        if let Some(state) = &agg.server_state {
-            if let Err(e) = self.store.save_server_state(&experiment, round, &next, state) {
-                return self.fail(format!("checkpoint of the server optimiser after round {round} failed: {e}"));
-            }
-        }
+        let hash_s = t.elapsed().as_secs_f64();
         let mut g = self.lock();
+        let experiment = self.experiment(&g).id.clone();
         let record = RoundRecord {
             experiment: experiment.clone(),
             round,
@@ -733,7 +760,7 @@ impl RoundController {
             contributors: g.contributions.clone(),
             rejected: g.rejected.clone(),
             duration_s,
-            aggregate_s,
+            aggregate_s: aggregate_s + hash_s,
             checkpoint_s: 0.0,
             uplink_bytes: g.contributions.iter().map(|c| c.bytes).sum(),
             downlink_bytes: g.downlink_bytes,
@@ -745,24 +772,59 @@ impl RoundController {
         run.completed_rounds = round.0;
         run.global_model_hash = hash.clone();
         run.history.push(record);
-        if let Err(e) = self.store.save(&run) {
+        g.run = run.clone();
+        let old_global = std::mem::replace(&mut g.global, Arc::new(next));
+        // The previous model's buffer becomes the next round's accumulator (unless a download
+        // still holds it): no fresh 100 MB mapping per round.
+        g.server_state = agg.server_state.clone();
+        // The checkpoint is written off the round's critical path: the next round opens now
+        // with the new model in memory, and round_state.json only says the round is complete
+        // once its model is on disk (a crash before that resumes from the previous round).
+        // Checkpoints run one at a time, in round order.
+        let previous = g.pending_checkpoint.take();
+        let (this, model, server_state) = (self.clone(), g.global.clone(), agg.server_state);
+        g.pending_checkpoint = Some(std::thread::spawn(move || {
+            if let Some(p) = previous {
+                let _ = p.join();
+            }
+            let t = Instant::now();
+            let written = this
+                .store
+                .save_model(&experiment, round, &model, &run.run_id)
+                .and_then(|_| server_state.as_ref().map_or(Ok(()), |s| this.store.save_server_state(&experiment, round, &model, s)));
+            drop(model);
+            let checkpoint_s = t.elapsed().as_secs_f64();
+            if let Some(last) = run.history.last_mut() {
+                last.checkpoint_s = checkpoint_s;
+            }
+            if let Err(e) = written.and_then(|_| this.store.save(&run)) {
+                return this.fail(format!("checkpoint of {experiment} round {round} failed: {e}"));
+            }
+            let mut g = this.lock();
+            if let Some(r) = g.run.history.iter_mut().rev().find(|h| h.experiment == experiment && h.round == round) {
+                r.checkpoint_s = checkpoint_s;
+            }
             drop(g);
-            return self.fail(format!("saving round state after round {round} failed: {e}"));
-        }
-        let checkpoint_s = t.elapsed().as_secs_f64();
-        if let Some(last) = run.history.last_mut() {
-            last.checkpoint_s = checkpoint_s;
-        }
-        g.run = run;
-        g.global = Arc::new(next);
-        g.server_state = agg.server_state;
+            info!(%round, checkpoint_s, "checkpoint written");
+            this.notify();
+        }));
         self.audit.record(
             "model_version",
             "coordinator",
-            serde_json::json!({"experiment": experiment, "round": round.0, "model_sha256": hash.0, "contributors": g.contributions.iter().map(|c| c.site.to_string()).collect::<Vec<_>>()}),
+            serde_json::json!({"experiment": self.experiment(&g).id, "round": round.0, "model_hash": hash.0, "contributors": g.contributions.iter().map(|c| c.site.to_string()).collect::<Vec<_>>()}),
         );
-        info!(model = %hash.short(), sites = g.contributions.len(), duration_s, aggregate_s, checkpoint_s, "round complete");
-        self.enter_round_or_features(&mut g, Round(round.0 + 1));
+        info!(model = %hash.short(), sites = g.contributions.len(), duration_s, aggregate_s, hash_s, "round complete");
+        let recycled = Arc::try_unwrap(old_global).ok().map(ModelState::into_data);
+        self.enter_round_reusing(&mut g, Round(round.0 + 1), recycled);
+    }
+
+    /// Waits for the checkpoint in flight, if any (before other writes of round_state.json,
+    /// and at shutdown).
+    pub fn flush_checkpoints(&self) {
+        let pending = self.lock().pending_checkpoint.take();
+        if let Some(p) = pending {
+            let _ = p.join();
+        }
     }
 
     fn evaluate(self: Arc<Self>, features: BTreeMap<String, Vec<FeatureRow>>, run: RunState) {
@@ -840,7 +902,7 @@ impl RoundController {
             "experiment_index": g.run.experiment,
             "completed_rounds_in_experiment": g.run.completed_rounds,
             "rounds_per_experiment": self.cfg.federation.rounds,
-            "global_model_sha256": g.run.global_model_hash.0,
+            "global_model_hash": g.run.global_model_hash.0,
             "sites_configured": self.cfg.federation.sites,
             "sites_joined": g.joined,
             "updates_this_round": g.contributions.iter().map(|c| c.site.to_string()).collect::<Vec<_>>(),

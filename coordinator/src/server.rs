@@ -10,7 +10,7 @@ use aln_common::aggregate::spool::SpoolSink;
 use aln_common::codec::Codec;
 use aln_common::ids::Round;
 use aln_common::cohort::{FeatureRow, NStage};
-use aln_common::constants::{MAX_GRADCAM_BYTES, MAX_GRADCAMS_PER_SITE, MAX_GRPC_MESSAGE_BYTES};
+use aln_common::constants::{HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, MAX_CONCURRENT_UPLOADS, MAX_GRADCAM_BYTES, MAX_GRADCAMS_PER_SITE, MAX_GRPC_MESSAGE_BYTES};
 use aln_common::ids::SiteId;
 use aln_common::tls;
 use aln_common::wire::{ChunkEncoder, ReceiveLimits, StreamDecoder};
@@ -40,7 +40,8 @@ pub async fn run(
     controller: Arc<RoundController>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let service = FederationServer::new(FederationService { ctl: controller.clone() })
+    let slots = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, MAX_CONCURRENT_UPLOADS);
+    let service = FederationServer::new(FederationService { ctl: controller.clone(), upload_slots: Arc::new(tokio::sync::Semaphore::new(slots)) })
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let admin = AdminServer::new(AdminService { ctl: controller.clone() });
@@ -49,7 +50,10 @@ pub async fn run(
     let acceptor = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
+                Ok(c) => {
+                    let _ = c.0.set_nodelay(true);
+                    c
+                }
                 Err(e) => {
                     warn!("accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -72,6 +76,8 @@ pub async fn run(
         }
     });
     let served = Server::builder()
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
         .add_service(service)
         .add_service(admin)
         .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(rx), shutdown)
@@ -103,6 +109,9 @@ fn peer_identity<T>(ctl: &RoundController, req: &Request<T>) -> CoordResult<Stri
 
 pub struct FederationService {
     ctl: Arc<RoundController>,
+    /// Uploads decoded at once. More would not go faster (decoding is CPU-bound) but each
+    /// costs buffers; an upload waiting here holds at most one HTTP/2 stream window.
+    upload_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl FederationService {
@@ -215,11 +224,18 @@ impl Federation for FederationService {
         let site = self.identify(&req)?;
         let mut stream = req.into_inner();
         // Refused before a byte of the body is read when no update from this site fits now.
-        let expectation = self.ctl.expectation_for(&site)?;
+        self.ctl.upload_plan(&site)?;
+        let _slot = self.upload_slots.acquire().await.map_err(|e| Status::internal(e.to_string()))?;
+        // Checked again: the round may have moved on while this upload waited for a slot.
+        let (expectation, stream_target) = self.ctl.upload_plan(&site)?;
         let schema = self.ctl.schema();
         let codec = expectation.codec;
         let total: u64 = schema.iter().map(|s| (s.numel() * codec.bytes_per_value()) as u64).sum();
-        let sink = SpoolSink::new(&self.ctl.store().spool_dir(), site.as_str(), expectation);
+        let mut sink = SpoolSink::new(&self.ctl.store().spool_dir(), site.as_str(), expectation);
+        // Linear strategies add each chunk to the round's sum as it arrives.
+        if let Some((target, weight)) = stream_target {
+            sink = sink.streaming(target, weight);
+        }
         let mut decoder = StreamDecoder::with_sink(
             ReceiveLimits { max_total_bytes: total, max_chunk_bytes: self.ctl.config().federation.max_chunk_bytes, expected_schema: Some(schema) },
             sink,
@@ -248,8 +264,8 @@ impl Federation for FederationService {
         }
         decoder.finish().map_err(|e| reject(e.into()))?;
         let p = received.ok_or_else(|| reject(CoordinatorError::Transport("no payload".into())))?;
-        let (values, summary) = p.body;
-        let update = ModelUpdate { site: site.clone(), meta: p.meta, values, summary };
+        let (values, summary, streamed) = p.body;
+        let update = ModelUpdate { site: site.clone(), meta: p.meta, values, summary, streamed };
         let receive_s = started.elapsed().as_secs_f64();
         let ctl = self.ctl.clone();
         let round = tokio::task::spawn_blocking(move || ctl.submit_update(update, bytes, receive_s))

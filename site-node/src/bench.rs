@@ -15,6 +15,8 @@ pub struct StepBench {
     pub batch: i64,
     pub steps: usize,
     pub device: Device,
+    /// CUDA autocast (fp16) for the forward passes.
+    pub autocast: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -39,8 +41,7 @@ pub fn run(b: &StepBench) -> Result<serde_json::Value> {
     let mut train = Vec::new();
     for i in 0..b.steps + 1 {
         let t = Instant::now();
-        let (logits, _) = net.forward_t(&us, &swe, &clinical, true);
-        let loss = logits.cross_entropy_for_logits(&y);
+        let loss = tch::autocast(b.autocast, || net.forward_t(&us, &swe, &clinical, true).0.cross_entropy_for_logits(&y));
         opt.backward_step(&loss);
         sync();
         if i > 0 {
@@ -51,7 +52,7 @@ pub fn run(b: &StepBench) -> Result<serde_json::Value> {
     tch::no_grad(|| {
         for i in 0..b.steps + 1 {
             let t = Instant::now();
-            let _ = net.forward_t(&us, &swe, &clinical, false);
+            let _ = tch::autocast(b.autocast, || net.forward_t(&us, &swe, &clinical, false));
             sync();
             if i > 0 {
                 infer.push(t.elapsed().as_secs_f64());
@@ -64,6 +65,7 @@ pub fn run(b: &StepBench) -> Result<serde_json::Value> {
         "batch": b.batch,
         "threads": tch::get_num_threads(),
         "device": format!("{:?}", b.device),
+        "autocast": b.autocast && tch::Cuda::is_available(),
         "train_step_s": median(train),
         "inference_s": median(infer),
     }))

@@ -9,7 +9,7 @@ use aln_common::cohort::{ManifestRow, Split};
 use tch::Device;
 use aln_common::config::{SiteConfig, TrainingPlan};
 use aln_common::experiment::Experiment;
-use aln_common::constants::{FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
+use aln_common::constants::{DEFAULT_WAIT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::ModelState;
 use aln_common::codec::{Codec, Encoded, ErrorFeedback, SUPPORTED_CODECS, ring_encode};
@@ -135,6 +135,8 @@ impl Session {
             .with_context(|| format!("site.coordinator {:?} is not a valid URL", cfg.site.coordinator))?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(10))
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
             .tcp_keepalive(Some(Duration::from_secs(30)));
         let started = Instant::now();
         let mut delay = Duration::from_millis(200);
@@ -302,6 +304,7 @@ impl Session {
                 .into_inner();
             if !ack.accepted {
                 info!("not masking in round {round} attempt {mask_epoch}: {}", ack.message);
+                tokio::time::sleep(Duration::from_millis(u64::from(DEFAULT_WAIT_MS))).await;
                 return Ok(());
             }
             Some(key)
@@ -320,9 +323,10 @@ impl Session {
             let net = net.clone();
             let experiment = experiment.clone();
             let mu = protocol.proximal_mu;
+            let mixed_precision = self.cfg.site.mixed_precision;
             tokio::task::spawn_blocking(move || {
                 let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
-                let job = train::LocalRound { plan: &plan, experiment: &experiment, round, total_rounds, site_seed, proximal_mu: mu };
+                let job = train::LocalRound { plan: &plan, experiment: &experiment, round, total_rounds, site_seed, proximal_mu: mu, mixed_precision };
                 train::train_round(slot.get(&global)?, &data, &global, &job)
             })
             .await??
@@ -338,17 +342,23 @@ impl Session {
             ("experiment".to_string(), experiment.id.clone()),
         ]);
         let sample_count = outcome.sample_count;
-        let mut delta = outcome.delta;
+        let raw = Arc::new(outcome.delta);
+        // The local copy is written while the update is prepared and sent (off the critical path).
+        let kept = {
+            let (raw, path) = (raw.clone(), updates_dir.join(&experiment.id).join(local_update_file(round)));
+            tokio::task::spawn_blocking(move || raw.save(&path, &meta))
+        };
+        let mut delta = raw;
         {
-            let path = updates_dir.join(&experiment.id).join(local_update_file(round));
             let ef_path = self.cfg.site.work_dir.join("error_feedback").join(format!("{}.safetensors", experiment.id));
             let ctx = MaskContext { run_id: self.run_id.clone(), experiment: experiment.id.clone(), round, attempt: mask_epoch };
             let protocol = protocol.clone();
-            let prepared = tokio::task::spawn_blocking(move || -> Result<(ModelState, Option<Encoded>, Option<(ErrorFeedback, std::path::PathBuf)>)> {
-                delta.save(&path, &meta)?;
+            let prepared = tokio::task::spawn_blocking(move || -> Result<(Arc<ModelState>, Option<Encoded>, Option<(ErrorFeedback, std::path::PathBuf)>)> {
                 if protocol.dp == DpMode::Site {
-                    let c = dp::privatise(delta.data_mut(), protocol.clip_norm, protocol.noise_multiplier, &mut rand::rng());
+                    let mut noised = (*delta).clone();
+                    let c = dp::privatise(noised.data_mut(), protocol.clip_norm, protocol.noise_multiplier, &mut rand::rng());
                     info!(norm = format!("{:.4}", c.norm), clip_scale = format!("{:.4}", c.scale), noise_std = protocol.clip_norm * protocol.noise_multiplier, "update clipped and noised (site-level DP)");
+                    delta = Arc::new(noised);
                 }
                 if protocol.codec.is_lossy() {
                     let mut ef = match ModelState::load(&ef_path) {
@@ -379,11 +389,12 @@ impl Session {
                     })
                     .await??,
                 );
-                delta = ModelState::new(vec![], vec![])?;
+                delta = Arc::new(ModelState::new(vec![], vec![])?);
             }
             let prepare_s = t.elapsed().as_secs_f64();
             let meta = PayloadMeta { ring_fraction_bits: protocol.ring_fraction_bits, mask_epoch, ..PayloadMeta::delta(Round(round), hash, sample_count) };
-            let sent = self.push(round, Arc::new(delta), encoded, meta).await?;
+            let sent = self.push(round, delta, encoded, meta).await?;
+            kept.await??;
             if let Some((ef, path)) = feedback {
                 // The residual is kept only once the update it belongs to was accepted.
                 tokio::task::spawn_blocking(move || ef.residual.save(&path, &HashMap::new())).await??;

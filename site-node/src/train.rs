@@ -44,11 +44,13 @@ pub struct LocalRound<'a> {
     pub site_seed: u64,
     /// FedProx: weight μ of the proximal term μ/2 ‖w − w_global‖² (0 = plain local training).
     pub proximal_mu: f64,
+    /// CUDA autocast for the forward pass and loss.
+    pub mixed_precision: bool,
 }
 
 /// Trains `plan.local_steps` Adam steps from `global` and returns the delta.
 pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, job: &LocalRound<'_>) -> Result<RoundOutcome> {
-    let LocalRound { plan, experiment, round, total_rounds, site_seed, proximal_mu } = *job;
+    let LocalRound { plan, experiment, round, total_rounds, site_seed, proximal_mu, mixed_precision } = *job;
     let started = Instant::now();
     net.import(global)?;
     let train_idx = data.indices(Split::Train);
@@ -76,8 +78,7 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
         let clinical = data.clinical(&idx, experiment.clinical_in_head, device);
         let labels: Vec<i64> = idx.iter().map(|&i| class_of(data.rows[i].n_stage, classes)).collect();
         let y = Tensor::from_slice(&labels).to_device(device);
-        let (logits, _) = net.forward_t(&us, &swe, &clinical, true);
-        let mut loss = logits.cross_entropy_for_logits(&y);
+        let mut loss = tch::autocast(mixed_precision, || net.forward_t(&us, &swe, &clinical, true).0.cross_entropy_for_logits(&y));
         if !anchors.is_empty() {
             let prox = anchors.iter().map(|(v, a)| (v - a).square().sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |acc, t| acc + t);
             loss = loss + prox * (proximal_mu / 2.0);

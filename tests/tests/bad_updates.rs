@@ -33,7 +33,9 @@ async fn bad_updates_are_refused_and_the_round_goes_on() -> anyhow::Result<()> {
     // 1. A flipped byte in one chunk: the digest check refuses the transfer.
     let mut corrupted = chunks(global.zeros_like(), &base, 10);
     if let Some(pb::model_chunk::Part::Tensor(tc)) = &mut corrupted[1].part {
-        tc.data[0] ^= 0x40;
+        let mut d = tc.data.to_vec();
+        d[0] ^= 0x40;
+        tc.data = d.into();
     }
     let e = a.push_update(tokio_stream::iter(corrupted)).await.expect_err("corrupted chunk accepted");
     assert_eq!(e.code(), Code::DataLoss, "{e:?}");
@@ -132,7 +134,9 @@ async fn a_broken_transfer_is_sent_again_and_accepted() -> anyhow::Result<()> {
     // The first transfer is damaged in flight; only that transfer is redone, nothing else.
     let mut damaged = chunks(da.clone(), &base, 10);
     if let Some(pb::model_chunk::Part::Tensor(t)) = &mut damaged[2].part {
-        t.data[3] ^= 1;
+        let mut d = t.data.to_vec();
+        d[3] ^= 1;
+        t.data = d.into();
     }
     assert_eq!(a.push_update(tokio_stream::iter(damaged)).await.unwrap_err().code(), Code::DataLoss);
     a.push_update(tokio_stream::iter(chunks(da.clone(), &base, 10))).await?;

@@ -71,6 +71,17 @@ async fn coordinator_crash_loses_no_completed_round() -> anyhow::Result<()> {
         push(c, delta(&global, k, 1), &base, 1, SAMPLES[k]).await?;
     }
     let base2 = train_task(&mut clients[0], 2).await?;
+    // Round 2 opens as soon as round 1 is aggregated; round 1's checkpoint is written
+    // meanwhile and counts as completed once round_state.json says so.
+    let t = std::time::Instant::now();
+    loop {
+        let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(coord.state_dir.join("round_state.json"))?)?;
+        if s["completed_rounds"] == 1 {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "round 1 never checkpointed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let (after1, _) = ModelState::load(&coord.state_dir.join("models/main/global_r0001.safetensors"))?;
     assert_eq!(base2, after1.weights_hash());
     global = after1;

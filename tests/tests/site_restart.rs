@@ -67,9 +67,10 @@ fn sites_ride_out_a_coordinator_crash_and_restart() -> anyhow::Result<()> {
     let mut coord = CoordinatorProc::start(&cfg)?;
     let mut sites: Vec<Child> = SITES.iter().map(|s| start_site(root, &pki, &coord.url(), s, &format!("{s}.log"))).collect::<anyhow::Result<_>>()?;
     // Crash the coordinator (SIGKILL) once round 1 is on disk, i.e. during round 2.
-    let r1 = coord.state_dir.join("models/main/global_r0001.safetensors");
+    let state_file = coord.state_dir.join("round_state.json");
     let deadline = Instant::now() + Duration::from_secs(300);
-    while !r1.exists() {
+    // round_state.json names round 1 only once its model is durable.
+    while !std::fs::read_to_string(&state_file).is_ok_and(|s| s.contains("\"completed_rounds\": 1") || s.contains("\"completed_rounds\":1")) {
         anyhow::ensure!(Instant::now() < deadline, "round 1 never completed");
         std::thread::sleep(Duration::from_millis(50));
     }

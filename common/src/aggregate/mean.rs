@@ -11,49 +11,171 @@
 //!   complete sum, which is then read as fixed point (`codec::ring_decode`). Sites weight by
 //!   n_k before masking, so the result is the same sample-weighted mean.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 
 use crate::aggregate::server_opt::ServerStep;
-use crate::aggregate::{Aggregator, ModelUpdate, RoundAggregate};
+use crate::aggregate::{Aggregator, ModelUpdate, RoundAggregate, UpdateValues};
 use crate::codec::ring_decode;
 use crate::error::{Error, Result};
 use crate::ids::SiteId;
 use crate::model_state::ModelState;
+use crate::wire::Values;
 
-/// Values read from an update per block.
+/// Values read from a spooled update per block.
 const BLOCK: usize = 1 << 16;
 
 enum Sum {
     Float(Vec<f32>),
-    Ring { words: Vec<u32>, frac_bits: u32 },
+    Ring(Vec<u32>),
+}
+
+impl Sum {
+    fn len(&self) -> usize {
+        match self {
+            Sum::Float(v) => v.len(),
+            Sum::Ring(v) => v.len(),
+        }
+    }
+
+    fn add(&mut self, at: usize, values: Values<'_>, weight: f32) -> Result<()> {
+        let end = at + match values {
+            Values::F32(v) => v.len(),
+            Values::Ring(v) => v.len(),
+        };
+        if end > self.len() {
+            return Err(Error::InvalidUpdate(format!("values {at}..{end} outside the model's {}", self.len())));
+        }
+        match (self, values) {
+            (Sum::Float(sum), Values::F32(v)) => sum[at..end].iter_mut().zip(v).for_each(|(s, d)| *s += weight * d),
+            (Sum::Ring(sum), Values::Ring(v)) => sum[at..end].iter_mut().zip(v).for_each(|(s, d)| *s = s.wrapping_add(*d)),
+            (Sum::Float(_), Values::Ring(_)) => return Err(Error::InvalidUpdate("a masked update reached a plain aggregator".into())),
+            (Sum::Ring(_), Values::F32(_)) => return Err(Error::InvalidUpdate("secure aggregation is on: the update must be masked ring words".into())),
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self) {
+        match self {
+            Sum::Float(v) => v.iter_mut().for_each(|x| *x = 0.0),
+            Sum::Ring(v) => v.iter_mut().for_each(|x| *x = 0),
+        }
+    }
+}
+
+struct SumState {
+    sum: Sum,
+    closed: bool,
+    /// Streams that added values (accepted or not).
+    streamed: BTreeSet<u64>,
+}
+
+/// The round's running sum, shared with the uploads in flight: each decoded chunk is added
+/// as it arrives (`Values` at a flat offset, times the update's weight), so an update is
+/// never held or re-read. An upload that is refused after some of its chunks were added
+/// leaves the sum "dirty"; the round's end then rebuilds it from the accepted updates'
+/// spool files, so the result never includes a refused update.
+pub struct StreamTarget {
+    state: Mutex<SumState>,
+}
+
+impl StreamTarget {
+    fn lock(&self) -> MutexGuard<'_, SumState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds one chunk of stream `stream` at flat offset `at`.
+    pub fn add(&self, stream: u64, at: usize, values: Values<'_>, weight: f32) -> Result<()> {
+        let mut s = self.lock();
+        if s.closed {
+            return Err(Error::InvalidUpdate("the round closed while this update was arriving".into()));
+        }
+        s.streamed.insert(stream);
+        s.sum.add(at, values, weight)
+    }
+
+    /// Whether the sum holds only values of the accepted streams.
+    fn clean(s: &SumState, accepted: &BTreeSet<u64>) -> bool {
+        s.streamed.is_subset(accepted)
+    }
+}
+
+/// How a streamed update's chunks are weighted (known from its header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamWeight {
+    /// By the header's sample count (FedAvg).
+    SampleCount,
+    /// Unweighted (masked ring words: the sites weighted before masking).
+    One,
+}
+
+impl StreamWeight {
+    pub fn weight(self, sample_count: u64) -> f32 {
+        match self {
+            StreamWeight::SampleCount => sample_count as f32,
+            StreamWeight::One => 1.0,
+        }
+    }
 }
 
 /// Weighted mean of the round's updates, then a [`ServerStep`].
 pub struct WeightedMean {
-    sum: Sum,
+    target: Arc<StreamTarget>,
+    ring_bits: Option<u32>,
     total_weight: f64,
     step: ServerStep,
     /// Central DP: clip norm S and noise multiplier σ.
     central_dp: Option<(f64, f64)>,
     clipped: usize,
     sites: Vec<SiteId>,
-    block: Vec<f32>,
+    /// Accepted updates (their spool files, kept to rebuild the sum) and their weights.
+    accepted: Vec<(UpdateValues, f32)>,
+    accepted_streams: BTreeSet<u64>,
 }
 
 impl WeightedMean {
     pub fn new(global: &ModelState, step: ServerStep) -> Self {
-        Self { sum: Sum::Float(vec![0.0; global.numel()]), total_weight: 0.0, step, central_dp: None, clipped: 0, sites: vec![], block: vec![0.0; BLOCK] }
+        Self::with_buffer(global, step, None)
+    }
+
+    /// Like [`WeightedMean::new`], reusing `buffer` (any contents) as the accumulator when it
+    /// has the model's size.
+    pub fn with_buffer(global: &ModelState, step: ServerStep, buffer: Option<Vec<f32>>) -> Self {
+        let sum = match buffer {
+            Some(mut b) if b.len() == global.numel() => {
+                b.iter_mut().for_each(|x| *x = 0.0);
+                b
+            }
+            _ => vec![0.0; global.numel()],
+        };
+        Self {
+            target: Arc::new(StreamTarget { state: Mutex::new(SumState { sum: Sum::Float(sum), closed: false, streamed: BTreeSet::new() }) }),
+            ring_bits: None,
+            total_weight: 0.0,
+            step,
+            central_dp: None,
+            clipped: 0,
+            sites: vec![],
+            accepted: vec![],
+            accepted_streams: BTreeSet::new(),
+        }
     }
 
     /// Sums masked ring words instead of floats (secure aggregation).
     pub fn ring(mut self, frac_bits: u32) -> Self {
-        let n = match &self.sum {
-            Sum::Float(v) => v.len(),
-            Sum::Ring { words, .. } => words.len(),
-        };
-        self.sum = Sum::Ring { words: vec![0; n], frac_bits };
-        self.block = vec![];
+        {
+            let mut s = self.target.lock();
+            let words = match std::mem::replace(&mut s.sum, Sum::Ring(vec![])) {
+                Sum::Float(f) => bytemuck::allocation::cast_vec::<f32, u32>(f),
+                Sum::Ring(w) => w,
+            };
+            s.sum = Sum::Ring(words);
+            s.sum.zero();
+        }
+        self.ring_bits = Some(frac_bits);
         self
     }
 
@@ -62,60 +184,77 @@ impl WeightedMean {
         self.central_dp = Some((clip, noise_multiplier));
         self
     }
+
+    /// Adds a whole (spooled or in-memory) update to the sum, block by block.
+    fn add_all(sum: &mut Sum, values: &UpdateValues, weight: f32) -> Result<()> {
+        let mut reader = values.reader()?;
+        let n = values.len();
+        if n != sum.len() {
+            return Err(Error::InvalidUpdate(format!("update has {n} values, the model {}", sum.len())));
+        }
+        let mut at = 0;
+        if values.is_ring() {
+            let mut block = vec![0u32; BLOCK.min(n)];
+            while at < n {
+                let b = &mut block[..BLOCK.min(n - at)];
+                reader.read_u32(b)?;
+                sum.add(at, Values::Ring(b), weight)?;
+                at += b.len();
+            }
+        } else {
+            let mut block = vec![0f32; BLOCK.min(n)];
+            while at < n {
+                let b = &mut block[..BLOCK.min(n - at)];
+                reader.read_f32(b)?;
+                sum.add(at, Values::F32(b), weight)?;
+                at += b.len();
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Aggregator for WeightedMean {
-    fn accumulate(&mut self, update: ModelUpdate) -> Result<()> {
-        let mut reader = update.values.reader()?;
-        match &mut self.sum {
-            Sum::Float(sum) => {
-                if update.values.is_ring() {
-                    return Err(Error::InvalidUpdate("a masked update reached a plain aggregator".into()));
-                }
-                if update.values.len() != sum.len() {
-                    return Err(Error::InvalidUpdate(format!("update has {} values, the model {}", update.values.len(), sum.len())));
-                }
-                let weight = match self.central_dp {
-                    Some((clip, _)) => {
-                        let norm = update.summary.norm();
-                        if norm > clip {
-                            self.clipped += 1;
-                            clip / norm
-                        } else {
-                            1.0
-                        }
-                    }
-                    None => update.sample_count() as f64,
-                };
-                let w = weight as f32;
-                for part in sum.chunks_mut(BLOCK) {
-                    let block = &mut self.block[..part.len()];
-                    reader.read_f32(block)?;
-                    for (s, d) in part.iter_mut().zip(block.iter()) {
-                        *s += w * d;
-                    }
-                }
-                self.total_weight += if self.central_dp.is_some() { 1.0 } else { update.sample_count() as f64 };
-            }
-            Sum::Ring { words, .. } => {
-                if !update.values.is_ring() {
-                    return Err(Error::InvalidUpdate("secure aggregation is on: the update must be masked ring words".into()));
-                }
-                if update.values.len() != words.len() {
-                    return Err(Error::InvalidUpdate(format!("update has {} values, the model {}", update.values.len(), words.len())));
-                }
-                let mut block = vec![0u32; BLOCK];
-                for part in words.chunks_mut(BLOCK) {
-                    let b = &mut block[..part.len()];
-                    reader.read_u32(b)?;
-                    for (s, d) in part.iter_mut().zip(b.iter()) {
-                        *s = s.wrapping_add(*d);
-                    }
-                }
-                self.total_weight += update.sample_count() as f64;
-            }
+    fn stream_target(&self) -> Option<(Arc<StreamTarget>, StreamWeight)> {
+        // Central DP weighs by a clip factor known only once the whole update is in.
+        if self.central_dp.is_some() {
+            return None;
         }
+        let weight = if self.ring_bits.is_some() { StreamWeight::One } else { StreamWeight::SampleCount };
+        Some((self.target.clone(), weight))
+    }
+
+    fn accumulate(&mut self, update: ModelUpdate) -> Result<()> {
+        if update.values.is_ring() != self.ring_bits.is_some() {
+            return Err(Error::InvalidUpdate(if self.ring_bits.is_some() {
+                "secure aggregation is on: the update must be masked ring words".into()
+            } else {
+                "a masked update reached a plain aggregator".into()
+            }));
+        }
+        let weight = match (self.central_dp, self.ring_bits) {
+            (Some((clip, _)), _) => {
+                let norm = update.summary.norm();
+                if norm > clip {
+                    self.clipped += 1;
+                    (clip / norm) as f32
+                } else {
+                    1.0
+                }
+            }
+            (None, Some(_)) => 1.0,
+            (None, None) => update.sample_count() as f32,
+        };
+        match update.streamed {
+            // Its values are in the sum already.
+            Some(id) => {
+                self.accepted_streams.insert(id);
+            }
+            None => Self::add_all(&mut self.target.lock().sum, &update.values, weight)?,
+        }
+        self.total_weight += if self.central_dp.is_some() { 1.0 } else { update.sample_count() as f64 };
         self.sites.push(update.site.clone());
+        self.accepted.push((update.values, weight));
         Ok(())
     }
 
@@ -127,9 +266,22 @@ impl Aggregator for WeightedMean {
         if self.total_weight <= 0.0 {
             return Err(Error::InvalidUpdate("no update to aggregate".into()));
         }
+        let sum = {
+            let mut s = self.target.lock();
+            s.closed = true;
+            if !StreamTarget::clean(&s, &self.accepted_streams) {
+                // A refused or unfinished upload added values: recompute from the accepted ones.
+                tracing::warn!("rebuilding the round's sum without a refused or unfinished upload");
+                s.sum.zero();
+                for (values, weight) in &self.accepted {
+                    Self::add_all(&mut s.sum, values, *weight)?;
+                }
+            }
+            std::mem::replace(&mut s.sum, Sum::Float(vec![]))
+        };
         let inv = 1.0 / self.total_weight;
         let mut noise_std = 0.0;
-        let mean = match self.sum {
+        let mean = match sum {
             Sum::Float(mut sum) => {
                 if let Some((clip, sigma)) = self.central_dp {
                     let std = clip * sigma;
@@ -144,11 +296,11 @@ impl Aggregator for WeightedMean {
                 sum.iter_mut().for_each(|s| *s *= inv);
                 sum
             }
-            Sum::Ring { words, frac_bits } => {
+            Sum::Ring(mut words) => {
                 // Read each word as fixed point, in place: the ring buffer becomes the f32 mean.
-                let mut words = words;
+                let bits = self.ring_bits.unwrap_or(16);
                 for w in words.iter_mut() {
-                    *w = ((ring_decode(*w, frac_bits) * inv) as f32).to_bits();
+                    *w = ((ring_decode(*w, bits) * inv) as f32).to_bits();
                 }
                 bytemuck::allocation::cast_vec::<u32, f32>(words)
             }
@@ -165,6 +317,7 @@ mod tests {
     use super::*;
     use crate::aggregate::tests::update;
     use crate::aggregate::{AggregationConfig, UpdateValues};
+    use crate::wire::Values;
     use crate::codec::ring_encode;
     use crate::model_state::tests::small_state;
     use proptest::prelude::*;
@@ -228,6 +381,28 @@ mod tests {
         let next = a.finish(&global).unwrap().model;
         // (100·1 − 300·4) / 400 = −2.75
         assert!(next.data().iter().all(|&v| (v + 2.75).abs() < 1e-6), "{:?}", next.data());
+    }
+
+    #[test]
+    fn streamed_chunks_count_once_and_a_refused_stream_is_rebuilt_away() {
+        let global = small_state(0.0).zeros_like();
+        let mut a = plain(&global);
+        let (target, w) = a.stream_target().unwrap();
+        assert_eq!(w.weight(100), 100.0);
+        // Stream 1 (site a, Δ = 1) arrives in two chunks and is accepted without a re-read.
+        target.add(1, 0, Values::F32(&[1.0; 3]), 100.0).unwrap();
+        target.add(1, 3, Values::F32(&[1.0; 4]), 100.0).unwrap();
+        let mut ua = update("a", 100, delta(&global, 1.0));
+        ua.streamed = Some(1);
+        a.accumulate(ua).unwrap();
+        // Stream 2 adds garbage and is then refused (never accumulated).
+        target.add(2, 0, Values::F32(&[1e6; 7]), 50.0).unwrap();
+        // Site b arrives the classic way.
+        a.accumulate(update("b", 300, delta(&global, 4.0))).unwrap();
+        let next = a.finish(&global).unwrap().model;
+        assert!(next.data().iter().all(|&v| (v - 3.25).abs() < 1e-6), "{:?}", next.data());
+        // Once finished, late chunks are refused.
+        assert!(target.add(3, 0, Values::F32(&[1.0]), 1.0).is_err());
     }
 
     proptest! {

@@ -192,7 +192,7 @@ impl UpdateValues {
 
 enum Source<'a> {
     Memory(&'a [u8]),
-    File(std::io::BufReader<std::fs::File>, std::path::PathBuf),
+    File(std::fs::File, std::path::PathBuf),
 }
 
 /// Sequential reader over an update's 4-byte words.
@@ -230,13 +230,16 @@ pub struct ModelUpdate {
     pub meta: PayloadMeta,
     pub values: UpdateValues,
     pub summary: ValueSummary,
+    /// Set when the values were already added to the round's sum as they arrived (the id
+    /// of that stream, see [`mean::StreamTarget`]).
+    pub streamed: Option<u64>,
 }
 
 impl ModelUpdate {
     /// An fp32 update held in memory (tests, tools).
     pub fn in_memory(site: SiteId, round: Round, base: ModelHash, sample_count: u64, delta: ModelState) -> Self {
         let summary = ValueSummary::of(&delta);
-        Self { site, meta: PayloadMeta::delta(round, base, sample_count), values: UpdateValues::F32(delta.into_data()), summary }
+        Self { site, meta: PayloadMeta::delta(round, base, sample_count), values: UpdateValues::F32(delta.into_data()), summary, streamed: None }
     }
 
     pub fn sample_count(&self) -> u64 {
@@ -339,6 +342,11 @@ pub struct RoundAggregate {
 
 /// Combines validated updates of one round into the next global model.
 pub trait Aggregator: Send {
+    /// Linear strategies: where an arriving update's chunks may be added as they come, and
+    /// how they are weighted. None: spool, then `accumulate` reads the update back.
+    fn stream_target(&self) -> Option<(std::sync::Arc<mean::StreamTarget>, mean::StreamWeight)> {
+        None
+    }
     /// Adds one update (already passed [`validate`]).
     fn accumulate(&mut self, update: ModelUpdate) -> Result<()>;
     /// Sites whose updates were accumulated, in arrival order.
@@ -349,13 +357,16 @@ pub trait Aggregator: Send {
 
 /// The aggregator of one round, from the config. `server_state` is the previous round's
 /// FedAdam / FedYogi moments (None at the start of an experiment).
-pub fn build(cfg: &AggregationConfig, privacy: &PrivacyConfig, global: &ModelState, server_state: Option<ServerOptState>) -> Box<dyn Aggregator> {
+///
+/// `recycled` may hand over a model-sized buffer no longer needed (the previous global
+/// model's): linear strategies reuse it as their accumulator instead of mapping fresh pages.
+pub fn build(cfg: &AggregationConfig, privacy: &PrivacyConfig, global: &ModelState, server_state: Option<ServerOptState>, recycled: Option<Vec<f32>>) -> Box<dyn Aggregator> {
     match cfg.strategy {
         Strategy::Median => Box::new(robust::CoordinateWise::median()),
         Strategy::TrimmedMean => Box::new(robust::CoordinateWise::trimmed(cfg.trim_fraction)),
         Strategy::Fedavg | Strategy::Fedprox | Strategy::Fedadam | Strategy::Fedyogi => {
             let step = server_opt::ServerStep::new(cfg, global, server_state);
-            let mut m = mean::WeightedMean::new(global, step);
+            let mut m = mean::WeightedMean::with_buffer(global, step, recycled);
             if privacy.secure_aggregation {
                 m = m.ring(privacy.ring_fraction_bits);
             }

@@ -3,16 +3,20 @@
 //! [`SpoolSink`] is the coordinator's [`PayloadSink`]: it checks the header against the open
 //! round (so a stale or foreign update is refused before its body is read), writes each
 //! decoded chunk to a file under the state directory, and computes the norm and finiteness
-//! on the way. Only after the digest matched does the update reach an aggregator, which
-//! reads it back in blocks (linear strategies at once, robust ones at the round's end).
+//! on the way. Linear strategies also add each chunk to the round's sum as it arrives
+//! ([`SpoolSink::streaming`]); the file then only serves to rebuild the sum should a
+//! streamed update be refused. Robust strategies read all files at the round's end.
 //! Memory per upload is one chunk, however many sites upload at once. A [`SpoolFile`]
 //! deletes itself when dropped.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::sync::Arc;
+
+use crate::aggregate::mean::{StreamTarget, StreamWeight};
 use crate::aggregate::{Expectation, UpdateValues, ValueSummary, check_header};
 use crate::error::{Error, Result};
 use crate::model_state::TensorSpec;
@@ -27,9 +31,9 @@ pub struct SpoolFile {
 }
 
 impl SpoolFile {
-    pub fn open(&self) -> Result<BufReader<File>> {
-        let f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        Ok(BufReader::with_capacity(1 << 20, f))
+    /// The file for sequential reading (callers read large blocks, so no extra buffer).
+    pub fn open(&self) -> Result<File> {
+        File::open(&self.path).map_err(|e| Error::io(&self.path, e))
     }
 }
 
@@ -43,6 +47,10 @@ static SEQUENCE: AtomicU64 = AtomicU64::new(0);
 
 /// Writes an incoming update to `dir`, checking it against `expectation` as it comes.
 pub struct SpoolSink {
+    /// Linear strategies: the round's sum each chunk is also added to, and this update's weight.
+    stream: Option<(Arc<StreamTarget>, StreamWeight, u64)>,
+    weight: f32,
+    starts: Vec<usize>,
     dir: PathBuf,
     label: String,
     expectation: Expectation,
@@ -56,21 +64,40 @@ pub struct SpoolSink {
 impl SpoolSink {
     /// `label` names the file (the site id); `dir` is created if missing.
     pub fn new(dir: &Path, label: &str, expectation: Expectation) -> Self {
-        Self { dir: dir.to_path_buf(), label: label.to_string(), expectation, writer: None, file: None, names: vec![], summary: ValueSummary::default(), written: 0 }
+        Self { stream: None, weight: 0.0, starts: vec![], dir: dir.to_path_buf(), label: label.to_string(), expectation, writer: None, file: None, names: vec![], summary: ValueSummary::default(), written: 0 }
+    }
+
+    /// Also adds every decoded chunk, weighted by `weight`, to `target` as it arrives.
+    pub fn streaming(mut self, target: Arc<StreamTarget>, weight: StreamWeight) -> Self {
+        self.stream = Some((target, weight, SEQUENCE.fetch_add(1, Ordering::Relaxed)));
+        self
     }
 }
 
 impl PayloadSink for SpoolSink {
-    type Output = (UpdateValues, ValueSummary);
+    /// The spooled values, their summary, and the stream id if they were streamed into a sum.
+    type Output = (UpdateValues, ValueSummary, Option<u64>);
 
     fn begin(&mut self, meta: &PayloadMeta, specs: &[TensorSpec]) -> Result<()> {
         check_header(meta, &self.expectation)?;
+        if let Some((_, rule, _)) = &self.stream {
+            self.weight = rule.weight(meta.sample_count);
+        }
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let path = self.dir.join(format!("{}-{}-{}.spool", self.label, std::process::id(), SEQUENCE.fetch_add(1, Ordering::Relaxed)));
         let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
         self.file = Some(SpoolFile { path, values: 0, ring: meta.codec == crate::codec::Codec::Ring32 });
-        self.writer = Some(BufWriter::with_capacity(1 << 20, f));
+        self.writer = Some(BufWriter::with_capacity(256 << 10, f));
         self.names = specs.iter().map(|s| s.name.clone()).collect();
+        let mut at = 0;
+        self.starts = specs
+            .iter()
+            .map(|s| {
+                let start = at;
+                at += s.numel();
+                start
+            })
+            .collect();
         Ok(())
     }
 
@@ -86,6 +113,9 @@ impl PayloadSink for SpoolSink {
         };
         w.write_all(bytes).map_err(|e| Error::io(path, e))?;
         self.written += n;
+        if let Some((target, _, id)) = &self.stream {
+            target.add(*id, self.starts[tensor] + offset, values, self.weight)?;
+        }
         Ok(())
     }
 
@@ -94,7 +124,7 @@ impl PayloadSink for SpoolSink {
         let w = self.writer.take().expect("begin before finish");
         w.into_inner().map_err(|e| Error::io(&file.path, e.into_error()))?;
         file.values = self.written;
-        Ok((UpdateValues::Spooled(file), self.summary))
+        Ok((UpdateValues::Spooled(file), self.summary, self.stream.map(|s| s.2)))
     }
 }
 
@@ -120,7 +150,7 @@ mod tests {
                 out = Some(r);
             }
         }
-        let (values, summary) = out.unwrap().body;
+        let (values, summary, _) = out.unwrap().body;
         assert!((summary.sum_sq - delta.data().iter().map(|v| f64::from(*v).powi(2)).sum::<f64>()).abs() < 1e-6);
         let mut back = vec![0f32; 3000];
         values.reader().unwrap().read_f32(&mut back).unwrap();
