@@ -79,7 +79,11 @@ if st:
     for r in st:
         eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
         out.append(f"| {r['setting']} | {eps} | {f3(r['auc_combined'])} | {f3(r['auc_images'])} | {f3(r['auc_clinical'])} | {r['uplink_mb_per_round']:.1f} | {r['downlink_mb_per_round']:.1f} |")
-    out.append("")
+    out += ["", "One run each (seed 2020, 3 rounds × 8 local steps, 64 px); 117 test patients, so a DeLong 95% CI is about ±0.06 wide: "
+            "differences among fp32, int8 and secure aggregation are within it. DP is site-level (noise added at each site, clip S = "
+            "BENCH_CLIP, default 0.05): the deltas (norm ≈ 100-200, dominated by BatchNorm statistics) are scaled down ~3000× and buried "
+            "in noise, so the network hardly learns; what AUC remains comes from the SVM on the features of the initial network "
+            "(random here, not ImageNet) after re-estimating BatchNorm statistics locally, plus the clinical variables.", ""]
 
 open(os.path.join(B, "README.md"), "w").write("\n".join(out) + "\n")
 print("\n".join(out))

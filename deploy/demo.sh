@@ -41,7 +41,7 @@ echo "== 2/4 provisioning: consortium CA, coordinator certificate, one startup k
 cfg="$OUT/pki/coordinator/coordinator.toml"
 sed -i "s/^share_gradcam = .*/share_gradcam = true/" "$OUT"/pki/sites/*/site.toml
 sed -i "s/^leave_one_site_out = .*/leave_one_site_out = $STUDY/; s/^modality_controls = .*/modality_controls = $STUDY/; s/^clinical_in_head_control = .*/clinical_in_head_control = $STUDY/; s/^listen = .*/listen = \"127.0.0.1:0\"/; s/^rounds = .*/rounds = $ROUNDS/; s/^local_steps = .*/local_steps = $STEPS/; s/^batch_size = .*/batch_size = $BATCH/; s/^image_size = .*/image_size = $IMAGE/" "$cfg"
-sed -i "s/^strategy = .*/strategy = \"$STRATEGY\"/; s/^update_codec = .*/update_codec = \"$CODEC\"/; s/^dp = .*/dp = \"$DP\"/; s/^clip_norm = .*/clip_norm = $CLIP/; s/^noise_multiplier = .*/noise_multiplier = $SIGMA/; s/^secure_aggregation = .*/secure_aggregation = $SECAGG/" "$cfg"
+sed -i "s/^strategy = .*/strategy = \"$STRATEGY\"/; s/^update_codec = .*/update_codec = \"$CODEC\"/; s/^dp = .*/dp = \"$DP\"/; s/^clip_norm = .*/clip_norm = $CLIP/; s/^noise_multiplier = .*/noise_multiplier = $SIGMA/; s/^secure_aggregation = .*/secure_aggregation = $SECAGG/; s/^round_timeout_secs = .*/round_timeout_secs = 600/" "$cfg"
 
 echo "== 3/4 federation: coordinator + ${#SITES[@]} site-nodes on loopback mTLS ($ROUNDS rounds × $STEPS local steps, batch $BATCH, ${IMAGE}px)"
 "$BIN/coordinator" run --config "$cfg" --addr-file "$OUT/coordinator.addr" \

@@ -25,6 +25,10 @@ pub const MAX_GRADCAMS_PER_SITE: usize = 16;
 /// Largest Grad-CAM PNG accepted.
 pub const MAX_GRADCAM_BYTES: usize = 256 << 10;
 
+/// Batches of local training data a site runs (train-mode BatchNorm, no gradients) to
+/// re-estimate BatchNorm statistics before extracting features under differential privacy.
+pub const BN_RECALIBRATION_BATCHES: usize = 16;
+
 /// Rows per `FeatureBatch` message.
 pub const FEATURE_ROWS_PER_BATCH: usize = 256;
 

@@ -9,7 +9,7 @@ use aln_common::cohort::{ManifestRow, Split};
 use tch::Device;
 use aln_common::config::{SiteConfig, TrainingPlan};
 use aln_common::experiment::Experiment;
-use aln_common::constants::{DEFAULT_WAIT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
+use aln_common::constants::{BN_RECALIBRATION_BATCHES, DEFAULT_WAIT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::ModelState;
 use aln_common::codec::{Codec, Encoded, ErrorFeedback, SUPPORTED_CODECS, ring_encode};
@@ -479,10 +479,12 @@ impl Session {
             let net = net.clone();
             let experiment = experiment.clone();
             let cam_dir = self.cfg.site.work_dir.join("gradcam");
+            // Under DP the global BatchNorm statistics are noisy: re-estimate them locally.
+            let recalibrate = if self.protocol.as_ref().is_some_and(|p| p.dp != DpMode::Off) { BN_RECALIBRATION_BATCHES } else { 0 };
             tokio::task::spawn_blocking(move || -> Result<_> {
                 let mut slot = net.lock().unwrap_or_else(|p| p.into_inner());
                 let net = slot.get(&global)?;
-                let rows = train::extract_features(net, &data, &global, &experiment, &site, 32)?;
+                let rows = train::extract_features(net, &data, &global, &experiment, &site, 32, recalibrate)?;
                 // Grad-CAM of the paper's model only; kept locally, shared on opt-in.
                 let overlays = if experiment.id == aln_common::experiment::MAIN {
                     let o = gradcam::overlays(net, &data, &experiment)?;

@@ -80,8 +80,7 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
         let y = Tensor::from_slice(&labels).to_device(device);
         let mut loss = tch::autocast(mixed_precision, || net.forward_t(&us, &swe, &clinical, true).0.cross_entropy_for_logits(&y));
         if !anchors.is_empty() {
-            let prox = anchors.iter().map(|(v, a)| (v - a).square().sum(Kind::Float)).fold(Tensor::zeros([], (Kind::Float, device)), |acc, t| acc + t);
-            loss = loss + prox * (proximal_mu / 2.0);
+            loss = loss + proximal_term(&anchors, proximal_mu);
         }
         opt.backward_step(&loss);
         let l = loss.double_value(&[]);
@@ -107,8 +106,18 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
     })
 }
 
+/// FedProx's proximal term μ/2 Σ ‖w − w_global‖² over (variable, frozen global copy) pairs.
+pub fn proximal_term(anchors: &[(Tensor, Tensor)], mu: f64) -> Tensor {
+    let sum = anchors.iter().map(|(v, a)| (v - a).square().sum(Kind::Float)).reduce(|acc, t| acc + t);
+    sum.map_or_else(|| Tensor::zeros([], (Kind::Float, Device::Cpu)), |t| t * (mu / 2.0))
+}
+
 /// Deep features (eval mode, centred crops), the network's own N+ probability and the
 /// clinical variables for every patient.
+///
+/// `recalibrate`: batches of local training data to re-estimate the BatchNorm running
+/// statistics with before extracting (used under differential privacy, where the global
+/// statistics carry noise that eval-mode BatchNorm would amplify layer after layer).
 pub fn extract_features(
     net: &mut BimodalNet,
     data: &SiteData,
@@ -116,9 +125,21 @@ pub fn extract_features(
     experiment: &Experiment,
     site: &SiteId,
     batch: usize,
+    recalibrate: usize,
 ) -> Result<Vec<FeatureRow>> {
     net.import(global)?;
     let device: Device = net.vs.device();
+    if recalibrate > 0 {
+        let train: Vec<usize> = data.indices(Split::Train);
+        tch::no_grad(|| {
+            for idx in train.chunks(batch.max(2)).cycle().take(recalibrate) {
+                let (us, swe) = data.inputs(idx, experiment.input, None, device);
+                let clinical = data.clinical(idx, experiment.clinical_in_head, device);
+                let _ = net.forward_t(&us, &swe, &clinical, true);
+            }
+        });
+        info!(batches = recalibrate, "BatchNorm statistics re-estimated on local training data");
+    }
     let mut out = Vec::with_capacity(data.len());
     let all: Vec<usize> = (0..data.len()).collect();
     tch::no_grad(|| -> Result<()> {
@@ -130,6 +151,13 @@ pub fn extract_features(
             // P(N+) = 1 - P(N0) whether the head has 2 or 3 classes.
             let p_nplus = logits.softmax(-1, Kind::Float).select(1, 0).neg().g_add_scalar(1.0).to_device(Device::Cpu);
             let p_nplus = Vec::<f32>::try_from(p_nplus)?;
+            let deep_values = Vec::<f32>::try_from(deep.reshape([-1]))?;
+            if let Some(pos) = deep_values.iter().position(|v| !v.is_finite()) {
+                anyhow::bail!(
+                    "the global model gives non-finite deep features (patient {}): it is numerically broken, e.g. by differential-privacy noise too large for the weights' scale; nothing was sent",
+                    data.rows[idx[pos / deep.size()[1] as usize]].patient_id
+                );
+            }
             for (k, &i) in idx.iter().enumerate() {
                 let row = &data.rows[i];
                 let split = row.split.ok_or_else(|| anyhow::anyhow!("patient {} has no split", row.patient_id))?;
@@ -147,4 +175,22 @@ pub fn extract_features(
         Ok(())
     })?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proximal_term_and_its_gradient_by_hand() {
+        // w = (1, 2), w_global = (0, 1), μ = 2: μ/2 · (1 + 1) = 2; ∂/∂w = μ (w − w_global) = (2, 2).
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var_copy("w", &Tensor::from_slice(&[1f32, 2.0]));
+        let anchors = vec![(w.shallow_clone(), Tensor::from_slice(&[0f32, 1.0]))];
+        let term = proximal_term(&anchors, 2.0);
+        assert!((term.double_value(&[]) - 2.0).abs() < 1e-6);
+        term.backward();
+        assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), vec![2.0, 2.0]);
+        assert_eq!(proximal_term(&[], 2.0).double_value(&[]), 0.0);
+    }
 }
