@@ -134,7 +134,7 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
          table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px;text-align:right}}\
          td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}.row{{display:flex;gap:2em;flex-wrap:wrap}}\
          .cam{{display:inline-block;margin:4px;text-align:center;font-size:11px}}.cam img{{width:112px;image-rendering:pixelated}}\
-         .note{{color:#666;font-size:13px}}</style></head><body>",
+         .note{{color:#666;font-size:13px}}.kv td{{text-align:left}}</style></head><body>",
         esc(&r.run_id)
     );
     let _ = writeln!(
@@ -159,7 +159,7 @@ pub fn render(r: &Report, gradcam: &[GradCamImage]) -> String {
     };
     let _ = writeln!(
         h,
-        "<h2>Federation</h2><table><tr><th>aggregation</th><td>{}</td></tr><tr><th>privacy</th><td>{}</td></tr>\
+        "<h2>Federation</h2><table class=kv><tr><th>aggregation</th><td>{}</td></tr><tr><th>privacy</th><td>{}</td></tr>\
          <tr><th>differential privacy</th><td>{} <span class=note>{}</span></td></tr>\
          <tr><th>bytes</th><td>{:.1} MB up, {:.1} MB down over {} rounds ({:.1} MB up, {:.1} MB down per round)</td></tr>\
          <tr><th>secure-aggregation restarts · clipped updates</th><td>{} · {}</td></tr></table>",
