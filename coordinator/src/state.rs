@@ -198,3 +198,19 @@ impl StateStore {
         Ok(model)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_optimiser_moments_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::new(dir.path());
+        let like = ModelState::from_named(vec![("w".into(), vec![3], vec![0.0; 3])]).unwrap();
+        assert!(store.load_server_state("main", Round(2)).unwrap().is_none());
+        let s = ServerOptState { m: vec![0.1, -0.2, 0.3], v: vec![1e-6, 2e-6, 3e-6] };
+        store.save_server_state("main", Round(2), &like, &s).unwrap();
+        assert_eq!(store.load_server_state("main", Round(2)).unwrap(), Some(s));
+    }
+}
