@@ -514,12 +514,7 @@ impl RoundController {
                 // with every member rather than waiting for the round timeout.
                 let everyone: BTreeSet<SiteId> = frozen.iter().map(|(s, _)| s.clone()).collect();
                 warn!(%site, %round, "a member of the mask set re-keyed; restarting the round's masking");
-                self.audit.record("mask_restart", site.as_str(), serde_json::json!({"round": round.0, "epoch": epoch + 1, "reason": "member re-keyed"}));
-                g.mask = MaskRound { epoch: epoch + 1, expected: everyone, ..Default::default() };
-                g.contributions.clear();
-                g.aggregator = Some(self.new_aggregator(&g, None));
-                g.phase = Phase::Training { round, opened: Instant::now() };
-                self.notify();
+                self.next_mask_attempt(&mut g, round, everyone, site.as_str(), serde_json::json!("member re-keyed"));
                 return Err(CoordinatorError::WrongPhase(format!("masking of round {round} restarted (attempt {}); ask for the next task", epoch + 1)));
             }
             return Err(CoordinatorError::WrongPhase(format!("the mask set of round {round} attempt {epoch} is already fixed")));
@@ -701,14 +696,21 @@ impl RoundController {
         };
         let missing: Vec<String> = g.mask.frozen.iter().flatten().filter(|(s, _)| !next_expected.contains(s)).map(|(s, _)| s.to_string()).collect();
         warn!(%round, epoch = g.mask.epoch + 1, ?missing, "masked updates missing after the timeout: their masks cannot be removed; redoing this round's masking without them");
-        self.audit.record("mask_restart", "coordinator", serde_json::json!({"round": round.0, "epoch": g.mask.epoch + 1, "missing": missing}));
-        g.mask = MaskRound { epoch: g.mask.epoch + 1, expected: next_expected, ..Default::default() };
-        g.rejected.push(format!("masking attempt {} dropped: no update from {}", g.mask.epoch - 1, missing.join(", ")));
+        g.rejected.push(format!("masking attempt {} dropped: no update from {}", g.mask.epoch, missing.join(", ")));
+        self.next_mask_attempt(g, round, next_expected, "coordinator", serde_json::json!({"missing": missing}));
+        true
+    }
+
+    /// Voids the round's masking attempt: every update of it is dropped and `expected` sites
+    /// start the next attempt with fresh keys (and retrain from the same model).
+    fn next_mask_attempt(&self, g: &mut Inner, round: Round, expected: BTreeSet<SiteId>, who: &str, why: serde_json::Value) {
+        let epoch = g.mask.epoch + 1;
+        self.audit.record("mask_restart", who, serde_json::json!({"round": round.0, "epoch": epoch, "why": why}));
+        g.mask = MaskRound { epoch, expected, ..Default::default() };
         g.contributions.clear();
         g.aggregator = Some(self.new_aggregator(g, None));
         g.phase = Phase::Training { round, opened: Instant::now() };
         self.notify();
-        true
     }
 
     /// Moves to the next experiment (from the initial model) or marks the study complete.

@@ -115,6 +115,23 @@ pub struct FederationService {
 }
 
 impl FederationService {
+    /// Asks `decide` again whenever the controller signals a change, until it has an answer
+    /// (`Ok`) or [`LONG_POLL`] has passed (then its last not-yet answer, `Err`).
+    async fn long_poll<T>(&self, mut decide: impl FnMut() -> Result<T, T>) -> T {
+        let mut changes = self.ctl.changes();
+        changes.borrow_and_update();
+        let deadline = tokio::time::Instant::now() + LONG_POLL;
+        loop {
+            match decide() {
+                Ok(answer) => return answer,
+                Err(not_yet) if tokio::time::Instant::now() >= deadline => return not_yet,
+                Err(_) => {
+                    let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
+                }
+            }
+        }
+    }
+
     /// The caller's site id, from the verified client certificate; refuses outsiders.
     fn identify<T>(&self, req: &Request<T>) -> CoordResult<SiteId> {
         let cn = peer_identity(&self.ctl, req)?;
@@ -175,19 +192,12 @@ impl Federation for FederationService {
         use pb::task::Kind;
         // Long poll: a site with nothing to do is answered as soon as that changes (or after
         // the wait), so a new round reaches every site within milliseconds.
-        let mut changes = self.ctl.changes();
-        changes.borrow_and_update();
-        let deadline = tokio::time::Instant::now() + LONG_POLL;
-        let decision = loop {
-            match self.ctl.next_task(&site) {
-                TaskDecision::Wait { .. } if tokio::time::Instant::now() < deadline => {
-                    if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                        continue;
-                    }
-                }
-                d => break d,
-            }
-        };
+        let decision = self
+            .long_poll(|| match self.ctl.next_task(&site) {
+                wait @ TaskDecision::Wait { .. } => Err(wait),
+                decision => Ok(decision),
+            })
+            .await;
         let kind = match decision {
             TaskDecision::Train { round, total_rounds, model_hash, plan, experiment, mask_epoch, participants } => Kind::Train(pb::TrainTask {
                 round: round.0,
@@ -292,27 +302,17 @@ impl Federation for FederationService {
     async fn peer_keys(&self, req: Request<pb::PeerKeysRequest>) -> Result<Response<pb::PeerKeysReply>, Status> {
         let site = self.identify(&req)?;
         let r = req.into_inner();
-        let mut changes = self.ctl.changes();
-        changes.borrow_and_update();
-        let deadline = tokio::time::Instant::now() + LONG_POLL;
-        let reply = loop {
-            match self.ctl.peer_keys(&site, Round(r.round), r.mask_epoch) {
-                PeerKeys::NotYet(reason) if tokio::time::Instant::now() < deadline => {
-                    if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
-                        break pb::PeerKeysReply { ready: false, keys: vec![], reason };
-                    }
-                }
-                PeerKeys::NotYet(reason) => break pb::PeerKeysReply { ready: false, keys: vec![], reason },
-                PeerKeys::Stale(reason) => return Err(CoordinatorError::WrongPhase(reason).into()),
-                PeerKeys::Ready(set) => {
-                    break pb::PeerKeysReply {
-                        ready: true,
-                        keys: set.into_iter().map(|(s, k)| pb::PeerKey { site_id: s.to_string(), public_key: k.to_vec() }).collect(),
-                        reason: String::new(),
-                    };
-                }
-            }
-        };
+        let reply = self
+            .long_poll(|| match self.ctl.peer_keys(&site, Round(r.round), r.mask_epoch) {
+                PeerKeys::NotYet(reason) => Err(Ok(pb::PeerKeysReply { ready: false, keys: vec![], reason })),
+                PeerKeys::Stale(reason) => Ok(Err(Status::from(CoordinatorError::WrongPhase(reason)))),
+                PeerKeys::Ready(set) => Ok(Ok(pb::PeerKeysReply {
+                    ready: true,
+                    keys: set.into_iter().map(|(s, k)| pb::PeerKey { site_id: s.to_string(), public_key: k.to_vec() }).collect(),
+                    reason: String::new(),
+                })),
+            })
+            .await?;
         Ok(Response::new(reply))
     }
 
