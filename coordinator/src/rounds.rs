@@ -447,7 +447,7 @@ impl RoundController {
     /// What an upload from `site` must look like now, and where its chunks may be summed as
     /// they arrive (linear strategies of the open round) with their weighting; one lock, so
     /// both belong to the same round.
-    pub fn upload_plan(&self, site: &SiteId) -> CoordResult<(Expectation, Option<(Arc<aggregate::mean::StreamTarget>, aggregate::mean::StreamWeight)>)> {
+    pub fn upload_plan(&self, site: &SiteId) -> CoordResult<(Expectation, Option<aggregate::mean::StreamPlan>)> {
         let g = self.lock();
         let exp = self.expectation_locked(&g, site)?;
         Ok((exp, g.aggregator.as_ref().and_then(|a| a.stream_target())))

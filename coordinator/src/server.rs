@@ -87,6 +87,12 @@ pub async fn run(
     Ok(())
 }
 
+/// A long-polled answer: final, or the one to give if nothing changes in time.
+enum Poll<T> {
+    Ready(T),
+    NotYet(T),
+}
+
 /// Longest a `NextTask` or `PeerKeys` call is held open when there is nothing new to say.
 const LONG_POLL: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -115,17 +121,17 @@ pub struct FederationService {
 }
 
 impl FederationService {
-    /// Asks `decide` again whenever the controller signals a change, until it has an answer
-    /// (`Ok`) or [`LONG_POLL`] has passed (then its last not-yet answer, `Err`).
-    async fn long_poll<T>(&self, mut decide: impl FnMut() -> Result<T, T>) -> T {
+    /// Asks `decide` again whenever the controller signals a change, until it is
+    /// [`Poll::Ready`] or [`LONG_POLL`] has passed (then its last [`Poll::NotYet`] answer).
+    async fn long_poll<T>(&self, mut decide: impl FnMut() -> Poll<T>) -> T {
         let mut changes = self.ctl.changes();
         changes.borrow_and_update();
         let deadline = tokio::time::Instant::now() + LONG_POLL;
         loop {
             match decide() {
-                Ok(answer) => return answer,
-                Err(not_yet) if tokio::time::Instant::now() >= deadline => return not_yet,
-                Err(_) => {
+                Poll::Ready(answer) => return answer,
+                Poll::NotYet(answer) if tokio::time::Instant::now() >= deadline => return answer,
+                Poll::NotYet(_) => {
                     let _ = tokio::time::timeout_at(deadline, changes.changed()).await;
                 }
             }
@@ -159,7 +165,7 @@ impl Federation for FederationService {
         let j = self.ctl.join(&site);
         // Codec negotiation: the run's codec must be one the site can produce.
         let offered: Vec<Codec> = r.codecs.iter().filter_map(|&c| Codec::from_proto(c).ok()).collect();
-        if !offered.contains(&j.codec) && !(offered.is_empty() && j.codec == Codec::F32) {
+        if !(offered.contains(&j.codec) || (offered.is_empty() && j.codec == Codec::F32)) {
             return Err(CoordinatorError::WrongPhase(format!(
                 "this run sends updates as {}, which {site} does not support (it offers {}); upgrade the site-node",
                 j.codec,
@@ -194,8 +200,8 @@ impl Federation for FederationService {
         // the wait), so a new round reaches every site within milliseconds.
         let decision = self
             .long_poll(|| match self.ctl.next_task(&site) {
-                wait @ TaskDecision::Wait { .. } => Err(wait),
-                decision => Ok(decision),
+                wait @ TaskDecision::Wait { .. } => Poll::NotYet(wait),
+                decision => Poll::Ready(decision),
             })
             .await;
         let kind = match decision {
@@ -304,9 +310,9 @@ impl Federation for FederationService {
         let r = req.into_inner();
         let reply = self
             .long_poll(|| match self.ctl.peer_keys(&site, Round(r.round), r.mask_epoch) {
-                PeerKeys::NotYet(reason) => Err(Ok(pb::PeerKeysReply { ready: false, keys: vec![], reason })),
-                PeerKeys::Stale(reason) => Ok(Err(Status::from(CoordinatorError::WrongPhase(reason)))),
-                PeerKeys::Ready(set) => Ok(Ok(pb::PeerKeysReply {
+                PeerKeys::NotYet(reason) => Poll::NotYet(Ok(pb::PeerKeysReply { ready: false, keys: vec![], reason })),
+                PeerKeys::Stale(reason) => Poll::Ready(Err(Status::from(CoordinatorError::WrongPhase(reason)))),
+                PeerKeys::Ready(set) => Poll::Ready(Ok(pb::PeerKeysReply {
                     ready: true,
                     keys: set.into_iter().map(|(s, k)| pb::PeerKey { site_id: s.to_string(), public_key: k.to_vec() }).collect(),
                     reason: String::new(),

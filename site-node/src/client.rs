@@ -50,6 +50,10 @@ struct TrainJob {
     mask_epoch: u32,
 }
 
+/// An update ready to send: the (possibly noised) delta, its encoding if not fp32, and the
+/// error-feedback residual to keep once it is accepted.
+type Prepared = (Arc<ModelState>, Option<Encoded>, Option<(ErrorFeedback, std::path::PathBuf)>);
+
 /// How this run's updates are made, as decided by the coordinator at `Join`.
 #[derive(Debug, Clone)]
 struct Protocol {
@@ -353,7 +357,7 @@ impl Session {
             let ef_path = self.cfg.site.work_dir.join("error_feedback").join(format!("{}.safetensors", experiment.id));
             let ctx = MaskContext { run_id: self.run_id.clone(), experiment: experiment.id.clone(), round, attempt: mask_epoch };
             let protocol = protocol.clone();
-            let prepared = tokio::task::spawn_blocking(move || -> Result<(Arc<ModelState>, Option<Encoded>, Option<(ErrorFeedback, std::path::PathBuf)>)> {
+            let prepared = tokio::task::spawn_blocking(move || -> Result<Prepared> {
                 if protocol.dp == DpMode::Site {
                     let mut noised = (*delta).clone();
                     let c = dp::privatise(noised.data_mut(), protocol.clip_norm, protocol.noise_multiplier, &mut rand::rng());

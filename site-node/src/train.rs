@@ -78,10 +78,8 @@ pub fn train_round(net: &mut BimodalNet, data: &SiteData, global: &ModelState, j
         let clinical = data.clinical(&idx, experiment.clinical_in_head, device);
         let labels: Vec<i64> = idx.iter().map(|&i| class_of(data.rows[i].n_stage, classes)).collect();
         let y = Tensor::from_slice(&labels).to_device(device);
-        let mut loss = tch::autocast(mixed_precision, || net.forward_t(&us, &swe, &clinical, true).0.cross_entropy_for_logits(&y));
-        if !anchors.is_empty() {
-            loss = loss + proximal_term(&anchors, proximal_mu);
-        }
+        let ce = tch::autocast(mixed_precision, || net.forward_t(&us, &swe, &clinical, true).0.cross_entropy_for_logits(&y));
+        let loss = if anchors.is_empty() { ce } else { ce + proximal_term(&anchors, proximal_mu) };
         opt.backward_step(&loss);
         let l = loss.double_value(&[]);
         ensure!(l.is_finite(), "training diverged at round {round}, step {step} (loss {l})");

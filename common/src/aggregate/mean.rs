@@ -103,6 +103,9 @@ impl StreamTarget {
     }
 }
 
+/// Where an arriving update's chunks go, and how they are weighted.
+pub type StreamPlan = (Arc<StreamTarget>, StreamWeight);
+
 /// How a streamed update's chunks are weighted (known from its header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamWeight {
@@ -215,7 +218,7 @@ impl WeightedMean {
 }
 
 impl Aggregator for WeightedMean {
-    fn stream_target(&self) -> Option<(Arc<StreamTarget>, StreamWeight)> {
+    fn stream_target(&self) -> Option<StreamPlan> {
         // Central DP weighs by a clip factor known only once the whole update is in.
         if self.central_dp.is_some() {
             return None;
@@ -373,7 +376,7 @@ mod tests {
         let global = small_state(0.0).zeros_like();
         let mut a = Box::new(WeightedMean::new(&global, ServerStep::Plain).ring(16));
         for (site, n, v) in [("a", 100u64, 1.0f32), ("b", 300, -4.0)] {
-            let (words, _) = ring_encode(&vec![v; 7], n as f64, 16);
+            let (words, _) = ring_encode(&[v; 7], n as f64, 16);
             let mut u = update(site, n, global.zeros_like());
             u.values = UpdateValues::Ring(words);
             a.accumulate(u).unwrap();

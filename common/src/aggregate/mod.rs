@@ -137,10 +137,11 @@ impl ValueSummary {
         for &v in values {
             acc += f64::from(v) * f64::from(v);
         }
-        if !acc.is_finite() && self.first_nonfinite.is_none() {
-            if let Some(pos) = values.iter().position(|v| !v.is_finite()) {
-                self.first_nonfinite = Some((name.to_string(), offset + pos, values[pos]));
-            }
+        if !acc.is_finite()
+            && self.first_nonfinite.is_none()
+            && let Some(pos) = values.iter().position(|v| !v.is_finite())
+        {
+            self.first_nonfinite = Some((name.to_string(), offset + pos, values[pos]));
         }
         self.sum_sq += acc;
     }
@@ -344,7 +345,7 @@ pub struct RoundAggregate {
 pub trait Aggregator: Send {
     /// Linear strategies: where an arriving update's chunks may be added as they come, and
     /// how they are weighted. None: spool, then `accumulate` reads the update back.
-    fn stream_target(&self) -> Option<(std::sync::Arc<mean::StreamTarget>, mean::StreamWeight)> {
+    fn stream_target(&self) -> Option<mean::StreamPlan> {
         None
     }
     /// Adds one update (already passed [`validate`]).

@@ -63,10 +63,10 @@ impl ServerStep {
                 (mean, None)
             }
             ServerStep::Adaptive { rule, eta, beta1, beta2, tau, mut state, adaptive } => {
-                for t in 0..global.specs().len() {
+                for (t, &adapt) in adaptive.iter().enumerate() {
                     let r = global.range(t);
                     let (g, d) = (&global.data()[r.clone()], &mut mean[r.clone()]);
-                    if !adaptive[t] {
+                    if !adapt {
                         d.iter_mut().zip(g).for_each(|(x, g)| *x += g);
                         continue;
                     }

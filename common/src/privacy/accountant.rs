@@ -34,9 +34,9 @@ pub fn gaussian_epsilon(sigma: f64, rounds: u32, delta: f64) -> f64 {
 
 /// The smallest σ (to 3 significant digits) that keeps `rounds` releases within `epsilon`.
 pub fn noise_for_epsilon(epsilon: f64, rounds: u32, delta: f64) -> f64 {
-    let (mut lo, mut hi) = (1e-3, 1e4);
+    let (mut lo, mut hi) = (1e-3f64, 1e4f64);
     for _ in 0..100 {
-        let mid = (lo * hi as f64).sqrt();
+        let mid = (lo * hi).sqrt();
         if gaussian_epsilon(mid, rounds, delta) > epsilon { lo = mid } else { hi = mid }
     }
     hi
