@@ -23,8 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::status::{CoordResult, CoordinatorError};
 
-/// Version of the `round_state.json` layout.
-pub const STATE_FORMAT_VERSION: u32 = 2;
+/// Version of the `round_state.json` layout. 3: model hashes are BLAKE3 (were SHA-256), rounds
+/// record bytes, masking attempts and DP clipping, FedAdam/FedYogi moments sit beside models.
+pub const STATE_FORMAT_VERSION: u32 = 3;
 
 /// One site's accepted update in a round.
 #[derive(Debug, Clone, Serialize, Deserialize)]
