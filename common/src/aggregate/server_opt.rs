@@ -128,6 +128,22 @@ mod tests {
         assert!(next[1] < 1.5 && next[1] > 1.0);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn adaptive_first_steps_follow_the_mean_and_stay_below_eta(deltas in proptest::collection::vec(-10f32..10.0, 1..32), yogi in proptest::bool::ANY) {
+            // From fresh moments, step = η·(1−β1)Δ̄ / (√(β2τ² + (1−β2)Δ̄²) + τ): same sign as Δ̄ and
+            // |step| < η·(1−β1)/√(1−β2) = η with the defaults (Yogi's v ≥ Adam's here, so also < η).
+            let cfg = AggregationConfig { strategy: if yogi { Strategy::Fedyogi } else { Strategy::Fedadam }, ..Default::default() };
+            let g = model(vec![0.5; deltas.len()]);
+            let (next, _) = ServerStep::new(&cfg, &g, None).apply(&g, deltas.clone());
+            for (n, d) in next.iter().zip(&deltas) {
+                let step = n - 0.5;
+                proptest::prop_assert!(step.abs() <= 0.01 * 1.0001, "{step}");
+                proptest::prop_assert!(*d == 0.0 || step.signum() == d.signum() || step == 0.0, "{step} vs {d}");
+            }
+        }
+    }
+
     #[test]
     fn plain_step_adds_the_mean() {
         let g = model(vec![1.0, 2.0]);
