@@ -11,11 +11,15 @@ pub const MIN_CHUNK_BYTES: usize = 4 << 10;
 pub const MAX_MODEL_BYTES: u64 = 1 << 30;
 /// gRPC message ceiling: one chunk plus framing overhead.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 16 << 20;
-/// HTTP/2 flow-control windows of both sides. h2's default (64 KiB) stalls a 1 MiB chunk
-/// 16 times on window updates; measured on loopback, a 94 MiB upload took 3× longer. The
-/// windows also bound what a connection may buffer unread.
+/// HTTP/2 flow-control windows of the coordinator (receiving uploads). h2's default (64 KiB)
+/// stalls a 1 MiB chunk 16 times on window updates; measured on loopback, a 94 MiB upload took
+/// 3× longer. They also bound what each upload may buffer unread, which keeps the
+/// coordinator's memory flat in the number of sites.
 pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 1 << 20;
 pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 2 << 20;
+/// The site's windows (receiving the global model): one download at a time, so wider.
+pub const SITE_HTTP2_STREAM_WINDOW_BYTES: u32 = 4 << 20;
+pub const SITE_HTTP2_CONNECTION_WINDOW_BYTES: u32 = 8 << 20;
 /// Most uploads the coordinator decodes at once (one per core, at least 2): the rest wait
 /// with one stream window buffered, so memory stays flat in the number of sites.
 pub const MAX_CONCURRENT_UPLOADS: usize = 4;

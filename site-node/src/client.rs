@@ -9,7 +9,7 @@ use aln_common::cohort::{ManifestRow, Split};
 use tch::Device;
 use aln_common::config::{SiteConfig, TrainingPlan};
 use aln_common::experiment::Experiment;
-use aln_common::constants::{BN_RECALIBRATION_BATCHES, DEFAULT_WAIT_MS, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES, FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
+use aln_common::constants::{BN_RECALIBRATION_BATCHES, DEFAULT_WAIT_MS, SITE_HTTP2_CONNECTION_WINDOW_BYTES, SITE_HTTP2_STREAM_WINDOW_BYTES, FEATURE_ROWS_PER_BATCH, MAX_GRPC_MESSAGE_BYTES, local_update_file};
 use aln_common::ids::{ModelHash, Round, SiteId};
 use aln_common::model_state::ModelState;
 use aln_common::codec::{Codec, Encoded, ErrorFeedback, SUPPORTED_CODECS, ring_encode};
@@ -139,8 +139,8 @@ impl Session {
             .with_context(|| format!("site.coordinator {:?} is not a valid URL", cfg.site.coordinator))?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(10))
-            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
-            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+            .initial_stream_window_size(SITE_HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(SITE_HTTP2_CONNECTION_WINDOW_BYTES)
             .tcp_keepalive(Some(Duration::from_secs(30)));
         let started = Instant::now();
         let mut delay = Duration::from_millis(200);
