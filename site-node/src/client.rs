@@ -353,59 +353,57 @@ impl Session {
             tokio::task::spawn_blocking(move || raw.save(&path, &meta))
         };
         let mut delta = raw;
-        {
-            let ef_path = self.cfg.site.work_dir.join("error_feedback").join(format!("{}.safetensors", experiment.id));
-            let ctx = MaskContext { run_id: self.run_id.clone(), experiment: experiment.id.clone(), round, attempt: mask_epoch };
-            let protocol = protocol.clone();
-            let prepared = tokio::task::spawn_blocking(move || -> Result<Prepared> {
-                if protocol.dp == DpMode::Site {
-                    let mut noised = (*delta).clone();
-                    let c = dp::privatise(noised.data_mut(), protocol.clip_norm, protocol.noise_multiplier, &mut rand::rng());
-                    info!(norm = format!("{:.4}", c.norm), clip_scale = format!("{:.4}", c.scale), noise_std = protocol.clip_norm * protocol.noise_multiplier, "update clipped and noised (site-level DP)");
-                    delta = Arc::new(noised);
-                }
-                if protocol.codec.is_lossy() {
-                    let mut ef = match ModelState::load(&ef_path) {
-                        Ok((r, _)) if r.same_schema(&delta) => ErrorFeedback { residual: r },
-                        _ => ErrorFeedback::new(&delta),
-                    };
-                    let enc = ef.compress(&delta, protocol.codec)?;
-                    return Ok((delta, Some(enc), Some((ef, ef_path))));
-                }
-                Ok((delta, None, None))
-            })
-            .await??;
-            delta = prepared.0;
-            let mut encoded = prepared.1;
-            let feedback = prepared.2;
-            if let Some(key) = masking {
-                let peers = self.peer_keys(round, mask_epoch).await?;
-                let Some(peers) = peers else { return Ok(()) };
-                let (me, ctx, bits) = (site.clone(), ctx, protocol.ring_fraction_bits);
-                encoded = Some(
-                    tokio::task::spawn_blocking(move || -> Result<Encoded> {
-                        let (mut words, saturated) = ring_encode(delta.data(), sample_count as f64, bits);
-                        if saturated > 0 {
-                            warn!(saturated, "values × sample count exceed the fixed-point range and were saturated; lower privacy.ring_fraction_bits");
-                        }
-                        key.mask(&mut words, &me, &peers, &ctx)?;
-                        Ok(Encoded::ring(delta.specs().to_vec(), words))
-                    })
-                    .await??,
-                );
-                delta = Arc::new(ModelState::new(vec![], vec![])?);
+        let ef_path = self.cfg.site.work_dir.join("error_feedback").join(format!("{}.safetensors", experiment.id));
+        let ctx = MaskContext { run_id: self.run_id.clone(), experiment: experiment.id.clone(), round, attempt: mask_epoch };
+        let (dp_mode, clip_norm, noise_multiplier, codec) = (protocol.dp, protocol.clip_norm, protocol.noise_multiplier, protocol.codec);
+        let prepared = tokio::task::spawn_blocking(move || -> Result<Prepared> {
+            if dp_mode == DpMode::Site {
+                let mut noised = (*delta).clone();
+                let c = dp::privatise(noised.data_mut(), clip_norm, noise_multiplier, &mut rand::rng());
+                info!(norm = format!("{:.4}", c.norm), clip_scale = format!("{:.4}", c.scale), noise_std = clip_norm * noise_multiplier, "update clipped and noised (site-level DP)");
+                delta = Arc::new(noised);
             }
-            let prepare_s = t.elapsed().as_secs_f64();
-            let meta = PayloadMeta { ring_fraction_bits: protocol.ring_fraction_bits, mask_epoch, ..PayloadMeta::delta(Round(round), hash, sample_count) };
-            let sent = self.push(round, delta, encoded, meta).await?;
-            kept.await??;
-            if let Some((ef, path)) = feedback {
-                // The residual is kept only once the update it belongs to was accepted.
-                tokio::task::spawn_blocking(move || ef.residual.save(&path, &HashMap::new())).await??;
+            if codec.is_lossy() {
+                let mut ef = match ModelState::load(&ef_path) {
+                    Ok((r, _)) if r.same_schema(&delta) => ErrorFeedback { residual: r },
+                    _ => ErrorFeedback::new(&delta),
+                };
+                let enc = ef.compress(&delta, codec)?;
+                return Ok((delta, Some(enc), Some((ef, ef_path))));
             }
-            let timing = RoundTiming { experiment: experiment.id.clone(), round, pull_s, train_s: outcome.train_s, prepare_s, push_s: sent.1, bytes_sent: sent.0, bytes_received: self.last_pull_bytes, codec: protocol.codec.to_string(), mean_loss: outcome.mean_loss };
-            append_jsonl(&self.cfg.site.work_dir.join("timings.jsonl"), &timing)?;
+            Ok((delta, None, None))
+        })
+        .await??;
+        delta = prepared.0;
+        let mut encoded = prepared.1;
+        let feedback = prepared.2;
+        if let Some(key) = masking {
+            let peers = self.peer_keys(round, mask_epoch).await?;
+            let Some(peers) = peers else { return Ok(()) };
+            let (me, ctx, bits) = (site.clone(), ctx, protocol.ring_fraction_bits);
+            encoded = Some(
+                tokio::task::spawn_blocking(move || -> Result<Encoded> {
+                    let (mut words, saturated) = ring_encode(delta.data(), sample_count as f64, bits);
+                    if saturated > 0 {
+                        warn!(saturated, "values × sample count exceed the fixed-point range and were saturated; lower privacy.ring_fraction_bits");
+                    }
+                    key.mask(&mut words, &me, &peers, &ctx)?;
+                    Ok(Encoded::ring(delta.specs().to_vec(), words))
+                })
+                .await??,
+            );
+            delta = Arc::new(ModelState::new(vec![], vec![])?);
         }
+        let prepare_s = t.elapsed().as_secs_f64();
+        let meta = PayloadMeta { ring_fraction_bits: protocol.ring_fraction_bits, mask_epoch, ..PayloadMeta::delta(Round(round), hash, sample_count) };
+        let sent = self.push(round, delta, encoded, meta).await?;
+        kept.await??;
+        if let Some((ef, path)) = feedback {
+            // The residual is kept only once the update it belongs to was accepted.
+            tokio::task::spawn_blocking(move || ef.residual.save(&path, &HashMap::new())).await??;
+        }
+        let timing = RoundTiming { experiment: experiment.id.clone(), round, pull_s, train_s: outcome.train_s, prepare_s, push_s: sent.1, bytes_sent: sent.0, bytes_received: self.last_pull_bytes, codec: protocol.codec.to_string(), mean_loss: outcome.mean_loss };
+        append_jsonl(&self.cfg.site.work_dir.join("timings.jsonl"), &timing)?;
         Ok(())
     }
 
