@@ -1,9 +1,10 @@
 //! The linear strategies: a weighted sum accumulated as updates arrive, divided by the
 //! total weight at the round's end, then the server step.
 //!
-//! - FedAvg / FedProx / FedAdam / FedYogi: `Σ n_k Δ_k / Σ n_k`, in one f32 accumulator
-//!   (block-wise from the spool: memory is one accumulator however many sites join; the
-//!   accumulator becomes the next model's buffer, so finishing allocates nothing).
+//! - FedAvg / FedProx / FedAdam / FedYogi: `Σ n_k Δ_k / Σ n_k`, in one f32 accumulator that
+//!   uploads add their chunks to as they arrive ([`StreamTarget`]): memory is one accumulator
+//!   however many sites join, and it becomes the next model's buffer, so finishing allocates
+//!   nothing.
 //! - Central DP (DP-FedAvg, McMahan et al. 2018): each Δ_k is scaled to norm ≤ S, weights are
 //!   uniform (so one site moves the sum by at most S), and N(0, (σS)²) is added to every
 //!   coordinate of the sum before dividing by K.
@@ -188,6 +189,12 @@ impl WeightedMean {
         self
     }
 
+    /// How updates are weighted without central DP: masked ring words were weighted by the
+    /// sites before masking, fp32 deltas are weighted here by their sample count.
+    fn stream_weight(&self) -> StreamWeight {
+        if self.ring_bits.is_some() { StreamWeight::One } else { StreamWeight::SampleCount }
+    }
+
     /// Adds a whole (spooled or in-memory) update to the sum, block by block.
     fn add_all(sum: &mut Sum, values: &UpdateValues, weight: f32) -> Result<()> {
         let mut reader = values.reader()?;
@@ -223,8 +230,7 @@ impl Aggregator for WeightedMean {
         if self.central_dp.is_some() {
             return None;
         }
-        let weight = if self.ring_bits.is_some() { StreamWeight::One } else { StreamWeight::SampleCount };
-        Some((self.target.clone(), weight))
+        Some((self.target.clone(), self.stream_weight()))
     }
 
     fn accumulate(&mut self, update: ModelUpdate) -> Result<()> {
@@ -235,8 +241,8 @@ impl Aggregator for WeightedMean {
                 "a masked update reached a plain aggregator".into()
             }));
         }
-        let weight = match (self.central_dp, self.ring_bits) {
-            (Some((clip, _)), _) => {
+        let weight = match self.central_dp {
+            Some((clip, _)) => {
                 let norm = update.summary.norm();
                 if norm > clip {
                     self.clipped += 1;
@@ -245,8 +251,7 @@ impl Aggregator for WeightedMean {
                     1.0
                 }
             }
-            (None, Some(_)) => 1.0,
-            (None, None) => update.sample_count() as f32,
+            None => self.stream_weight().weight(update.sample_count()),
         };
         match update.streamed {
             // Its values are in the sum already.

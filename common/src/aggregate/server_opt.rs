@@ -30,7 +30,7 @@ pub enum Rule {
 #[derive(Debug)]
 pub enum ServerStep {
     Plain,
-    Adaptive { rule: Rule, eta: f32, beta1: f32, beta2: f32, tau: f32, state: ServerOptState, adaptive: Vec<bool> },
+    Adaptive { rule: Rule, eta: f32, beta1: f32, beta2: f32, tau: f32, state: ServerOptState },
 }
 
 impl ServerStep {
@@ -49,7 +49,6 @@ impl ServerStep {
             beta2: cfg.beta2 as f32,
             tau,
             state,
-            adaptive: global.specs().iter().map(|s| !is_running_statistic(&s.name)).collect(),
         }
     }
 
@@ -62,11 +61,11 @@ impl ServerStep {
                 }
                 (mean, None)
             }
-            ServerStep::Adaptive { rule, eta, beta1, beta2, tau, mut state, adaptive } => {
-                for (t, &adapt) in adaptive.iter().enumerate() {
+            ServerStep::Adaptive { rule, eta, beta1, beta2, tau, mut state } => {
+                for (t, spec) in global.specs().iter().enumerate() {
                     let r = global.range(t);
                     let (g, d) = (&global.data()[r.clone()], &mut mean[r.clone()]);
-                    if !adapt {
+                    if is_running_statistic(&spec.name) {
                         d.iter_mut().zip(g).for_each(|(x, g)| *x += g);
                         continue;
                     }
